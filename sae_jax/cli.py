@@ -1,0 +1,165 @@
+"""The `sae-jax` command line: thin parsing over library functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+DESCRIPTION = """sae_jax: train sparse autoencoders on neural-network activations with JAX.
+
+Typical session:
+  sae-jax synth runs/synth --d-model 128 --n-features 512 --n-tokens 1000000
+  sae-jax train configs/demo.yaml train.workdir=runs/demo
+  sae-jax eval runs/demo --data runs/synth
+Config fields are documented in sae_jax/config.py (and `sae-jax config --help`)."""
+
+
+def _cmd_train(args) -> int:
+    from sae_jax import config as config_lib
+    from sae_jax.train.loop import train
+
+    cfg = config_lib.load_config(args.config, args.overrides)
+    summary = train(cfg)
+    _print_result(summary, f"held-out evaluation ({cfg.train.workdir})")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import numpy as np
+
+    from sae_jax import api
+    from sae_jax.data import pipeline, store as store_lib
+    from sae_jax.evaluate import evaluate
+
+    model = api.load(args.workdir)
+    store = store_lib.open_store(args.data)
+    store.check_d_model(model.sae.d_model, field="the SAE's d_model")
+    gt_path = Path(args.ground_truth) if args.ground_truth else Path(args.data) / "ground_truth.npy"
+    if args.ground_truth and not gt_path.is_file():
+        raise FileNotFoundError(f"--ground-truth file '{gt_path}' does not exist.")
+    gt = np.load(gt_path) if gt_path.is_file() else None
+    batches = pipeline.iter_eval(store, batch_size=args.batch_size, split="all", max_tokens=args.max_tokens)
+    result = evaluate(model, batches, gt)
+    if gt is not None:
+        result["ground_truth"] = str(gt_path)
+    _print_result(result, f"evaluation of {args.workdir} on {args.data}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_synth(args) -> int:
+    from sae_jax.data.synthetic import SynthSpec, write_synthetic
+
+    spec = SynthSpec(d_model=args.d_model, n_features=args.n_features, n_tokens=args.n_tokens, seed=args.seed,
+                     l0=args.l0, dtype=args.dtype)
+    store = write_synthetic(args.out, spec)
+    print(f"wrote {store.n_tokens:,} × {store.d_model} {store.dtype} activations with {args.n_features} true "
+          f"features to {args.out} (ground truth: {Path(args.out) / 'ground_truth.npy'})")
+    return 0
+
+
+def _cmd_store(args) -> int:
+    from sae_jax.data import store as store_lib
+
+    if args.store_cmd == "import":
+        store = store_lib.import_files(args.out, args.files, dtype=args.dtype)
+        print(f"imported {store.n_tokens:,} rows × {store.d_model} into {args.out}")
+    elif args.store_cmd == "info":
+        print(store_lib.info(store_lib.open_store(args.store)))
+    elif args.store_cmd == "verify":
+        problems = store_lib.open_store(args.store).verify()
+        for p in problems:
+            print(f"FAIL {p}")
+        print("OK: every checksum matches" if not problems else f"{len(problems)} problem(s) found")
+        return 0 if not problems else 1
+    return 0
+
+
+def _print_result(result: dict, title: str) -> None:
+    from sae_jax.evaluate import table
+
+    print(table(result, title))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    p = argparse.ArgumentParser(prog="sae-jax", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train an SAE from a YAML config plus dotted overrides",
+                       description="Train an SAE. Overrides look like model.d_sae=4096 optim.lr=3e-4 "
+                                   "(or --model.d_sae 4096). Every key is documented in sae_jax/config.py.")
+    t.add_argument("config", help="YAML config file, e.g. configs/demo.yaml")
+    t.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted key=value overrides")
+    t.set_defaults(fn=_cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a trained SAE on a store (FVU, L0, dead/dense, gamma, MMCS)")
+    e.add_argument("workdir", help="work directory of a trained SAE (or its sae/ folder)")
+    e.add_argument("--data", required=True, help="activation store to evaluate on (every token)")
+    e.add_argument("--ground-truth", help="true dictionary [F, d] .npy (default: STORE/ground_truth.npy if present)")
+    e.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
+    e.add_argument("--batch-size", type=int, default=4096, help="tokens per evaluation batch")
+    e.add_argument("--json", help="also write the metrics to this JSON file")
+    e.set_defaults(fn=_cmd_eval)
+
+    s = sub.add_parser("synth", help="write a synthetic store with known ground-truth features")
+    s.add_argument("out", help="output store directory")
+    s.add_argument("--d-model", type=int, default=128, help="activation width D")
+    s.add_argument("--n-features", type=int, default=512, help="number of true features F (> D)")
+    s.add_argument("--n-tokens", type=int, default=1_000_000, help="number of rows N")
+    s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same store)")
+    s.add_argument("--l0", type=float, default=8.0, help="expected active true features per token")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="stored dtype")
+    s.set_defaults(fn=_cmd_synth)
+
+    st = sub.add_parser("store", help="import, inspect and verify activation stores")
+    ss = st.add_subparsers(dest="store_cmd", required=True, metavar="ACTION")
+    si = ss.add_parser("import", help="import .npy / .safetensors files [n, d] into a new store")
+    si.add_argument("out", help="output store directory")
+    si.add_argument("--from", dest="files", nargs="+", required=True, help="input files, concatenated in order")
+    si.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="stored dtype")
+    sn = ss.add_parser("info", help="print a store's metadata and statistics")
+    sn.add_argument("store")
+    sv = ss.add_parser("verify", help="check every shard checksum of a store")
+    sv.add_argument("store")
+    st.set_defaults(fn=_cmd_store)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a command; user errors print one line and exit with status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - user-facing errors become one line
+        if _is_user_error(e):
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        raise
+
+
+def _is_user_error(e: Exception) -> bool:
+    from sae_jax.config import ConfigError
+
+    user = (ConfigError, FileNotFoundError, ValueError)
+    try:
+        from sae_jax.data.store import StoreError
+
+        user += (StoreError,)
+    except ImportError:
+        pass
+    return isinstance(e, user)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,472 @@
+"""Run configuration: typed frozen dataclasses, one per concern, loaded from YAML plus
+dotted command-line overrides, validated before any work starts.
+
+Fields left at ``None`` take the architecture's recipe default (see ``RECIPES``) when the
+config is resolved, so changing ``model.architecture`` alone gives a sensible run while
+every explicit setting wins. This module imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, described in one sentence naming the key."""
+
+
+# --------------------------------------------------------------------------- concerns
+@dataclass(frozen=True)
+class DataConfig:
+    store: str = ""
+    """Path of the activation store to train on (a directory made by `sae-jax synth`,
+    `sae-jax store import` or `sae-jax harvest`)."""
+    site: str = ""
+    """Which site (hook) of a multi-site store to read; empty = the store's only site."""
+    holdout_fraction: float = 0.05
+    """Fraction of the store's tokens (its tail) held out for the final evaluation."""
+    block_rows: int = 1024
+    """Rows per contiguous block read from disk; blocks are shuffled, then rows."""
+    shuffle_blocks: int = 16
+    """How many blocks the in-memory shuffle buffer mixes."""
+    nonfinite: str = "error"
+    """What to do with rows holding NaN or Inf: 'error' stops with the file named, 'skip' drops
+    them and counts them."""
+    normalize: bool = True
+    """Scale activations by one scalar per store so that E||x||^2 = 1 during training; the
+    saved parameters fold the scalar back in, so they work on raw activations."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str = "relu"
+    """SAE architecture: one of relu, gated, jumprelu, topk, batchtopk, prolu."""
+    d_model: int = 0
+    """Input width; 0 = take it from the store (a non-zero value must match the store)."""
+    d_sae: int = 4096
+    """Number of latents (dictionary size)."""
+    k: int | None = None
+    """Active latents per token for topk/batchtopk (recipe default 32)."""
+    k_aux: int | None = None
+    """AuxK: how many dead latents reconstruct the residual (topk; default d_model/2)."""
+    aux_coefficient: float | None = None
+    """Weight of the auxiliary loss (AuxK alpha = 1/32 for topk; 1.0 for gated's aux term)."""
+    jumprelu_eps: float | None = None
+    """JumpReLU STE kernel bandwidth epsilon, in units of normalized activations (E||x||^2 = 1)."""
+    jumprelu_theta_init: float | None = None
+    """JumpReLU initial threshold theta_0, in units of normalized activations."""
+    jumprelu_theta_param: str | None = None
+    """How theta is trained: 'log' (the paper) or 'raw' (SAELens PR #718)."""
+    prolu_estimator: str | None = None
+    """ProLU gradient estimator: 'relu' (prolu_relu) or 'ste' (prolu_ste)."""
+    threshold_momentum: float | None = None
+    """BatchTopK: EMA momentum of the inference threshold."""
+    init_decoder_norm: float | None = None
+    """Norm of decoder rows at init (1.0 for unit-norm recipes, 0.1 for l1_decoder_norm)."""
+    init_b_dec: str | None = None
+    """How b_dec starts: zeros, mean or geometric_median of a data sample (topk recipes)."""
+    apply_b_dec_to_input: bool | None = None
+    """Subtract b_dec from x before the encoder (all recipes but jumprelu, whose paper does not)."""
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    penalty: str | None = None
+    """Sparsity penalty: l1 (unit-norm decoder), l1_decoder_norm (Anthropic April 2024),
+    sqrt_l1 (ProLU), l0 (JumpReLU), none (TopK/BatchTopK)."""
+    coefficient: float | None = None
+    """Sparsity coefficient lambda (after warmup)."""
+    warmup_steps: int | None = None
+    """Linear warmup of lambda from 0; default 5% of train.steps."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float | None = None
+    """Adam learning rate after warmup."""
+    beta1: float | None = None
+    """Adam beta1."""
+    beta2: float | None = None
+    """Adam beta2."""
+    warmup_steps: int | None = None
+    """Linear learning-rate warmup from 0; default 5% of train.steps."""
+    decay: str = "constant"
+    """Schedule after warmup: constant, linear (to 0 over the last decay_fraction), cosine."""
+    decay_fraction: float = 0.2
+    """Fraction of the run over which 'linear' decays the learning rate to 0."""
+    grad_clip: float | None = None
+    """Global gradient-norm clip; 0 disables (l1_decoder_norm recipe uses 1.0)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000
+    """Optimizer steps."""
+    batch_size: int = 1024
+    """Global batch size in tokens (split across data-parallel devices and hosts)."""
+    workdir: str = "runs/default"
+    """Directory receiving config.yaml, metrics.jsonl, summary.json and the parameters."""
+    log_every: int = 50
+    """Write a metrics.jsonl line every this many steps."""
+    eval_tokens: int = 65536
+    """Held-out tokens evaluated at the end (0 = the whole held-out split)."""
+    dead_tokens: int = 10_000_000
+    """A latent that has not fired for this many training tokens counts as dead."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1
+    """Devices on the data (batch) axis; -1 = the rest."""
+    model: int = 1
+    """Devices on the model (latent) axis; -1 = the rest."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0
+    """Save a checkpoint every this many steps (0 = only at the end)."""
+    keep: int = 3
+    """How many recent checkpoints to keep."""
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    coordinator: str = ""
+    """host:port of process 0 for jax.distributed; empty = autodetect (SLURM, Cloud TPU)."""
+    num_processes: int = 0
+    """Number of processes in the job; 0 = autodetect."""
+    process_id: int = -1
+    """This process's index; -1 = autodetect."""
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    seed: int = 0
+    """Root random seed (parameters, data order)."""
+
+
+# --------------------------------------------------------------------------- recipes
+_COMMON = dict(beta1=0.9, beta2=0.999, aux_coefficient=0.0, init_decoder_norm=1.0, grad_clip=0.0,
+               init_b_dec="geometric_median", apply_b_dec_to_input=True)
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # Towards Monosemanticity (l1) / Anthropic April 2024 (l1_decoder_norm).
+    "relu": dict(_COMMON, penalty="l1", coefficient=0.03, lr=1e-3),
+    # Gated SAE paper: Adam betas (0, 0.999); aux term weight 1.
+    "gated": dict(_COMMON, penalty="l1", coefficient=0.03, lr=1e-3, beta1=0.0, aux_coefficient=1.0),
+    # JumpReLU / Gemma Scope: L0 penalty, theta_0 = eps = 1e-3 at E||x||^2 = 1, betas (0, .999).
+    "jumprelu": dict(
+        _COMMON, penalty="l0", coefficient=0.01, lr=1e-3, beta1=0.0,
+        jumprelu_eps=1e-3, jumprelu_theta_init=1e-3, jumprelu_theta_param="log", apply_b_dec_to_input=False,
+    ),
+    # Gao et al. 2024: AuxK alpha = 1/32.
+    "topk": dict(_COMMON, penalty="none", coefficient=0.0, lr=1e-3, k=32, aux_coefficient=1 / 32),
+    "batchtopk": dict(
+        _COMMON, penalty="none", coefficient=0.0, lr=1e-3, k=32, aux_coefficient=1 / 32,
+        threshold_momentum=0.99,
+    ),
+    # Taggart 2024: ProLU with the STE estimator and the sqrt(L1) penalty.
+    "prolu": dict(_COMMON, penalty="sqrt_l1", coefficient=0.03, lr=1e-3, prolu_estimator="ste"),
+}
+PENALTY_RECIPES = {"l1_decoder_norm": dict(init_decoder_norm=0.1, grad_clip=1.0)}
+WARMUP_FRACTION = 0.05
+
+ARCHITECTURES = tuple(RECIPES)
+PENALTIES = ("l1", "l1_decoder_norm", "sqrt_l1", "l0", "none")
+_ALLOWED = {
+    "model.architecture": ARCHITECTURES,
+    "sparsity.penalty": PENALTIES,
+    "model.jumprelu_theta_param": ("log", "raw"),
+    "model.prolu_estimator": ("relu", "ste"),
+    "optim.decay": ("constant", "linear", "cosine"),
+    "data.nonfinite": ("error", "skip"),
+    "model.init_b_dec": ("zeros", "mean", "geometric_median"),
+}
+_ARCH_PENALTIES = {
+    "relu": ("l1", "l1_decoder_norm"),
+    "gated": ("l1", "l1_decoder_norm"),
+    "jumprelu": ("l0",),
+    "topk": ("none",),
+    "batchtopk": ("none",),
+    "prolu": ("l1", "sqrt_l1"),
+}
+
+
+def _fill(section, values: dict[str, Any]):
+    """Replace the None fields of a section with recipe values of the same name."""
+    todo = {f.name: values[f.name] for f in fields(section) if getattr(section, f.name) is None and f.name in values}
+    return replace(section, **todo)
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill every recipe-dependent field left at None, then validate the whole config."""
+    recipe = dict(RECIPES.get(cfg.model.architecture, RECIPES["relu"]))
+    penalty = cfg.sparsity.penalty or recipe["penalty"]
+    recipe.update(PENALTY_RECIPES.get(penalty, {}))
+    warm = max(1, int(WARMUP_FRACTION * cfg.train.steps))
+    recipe.setdefault("k", 32)
+    d_model = cfg.model.d_model
+    if d_model:
+        recipe["k_aux"] = max(1, d_model // 2)
+    for key, default in [("jumprelu_eps", 1e-3), ("jumprelu_theta_init", 1e-3),
+                         ("jumprelu_theta_param", "log"), ("prolu_estimator", "ste"),
+                         ("threshold_momentum", 0.99)]:
+        recipe.setdefault(key, default)
+    cfg = replace(
+        cfg,
+        model=_fill(cfg.model, recipe),
+        sparsity=_fill(cfg.sparsity, dict(recipe, warmup_steps=warm)),
+        optim=_fill(cfg.optim, dict(recipe, warmup_steps=warm)),
+    )
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- validation
+def _check(cond: bool, key: str, expected: str, got: Any) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}' must be {expected}, got {got!r}.")
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values, naming the key and what was expected."""
+    for key, allowed in _ALLOWED.items():
+        value = get_path(cfg, key)
+        if value is not None and value not in allowed:
+            close = difflib.get_close_matches(str(value), allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {value!r}{hint}.")
+    m, t = cfg.model, cfg.train
+    for key in ("model.d_sae", "train.steps", "train.batch_size", "train.log_every", "data.block_rows",
+                "data.shuffle_blocks"):
+        _check(get_path(cfg, key) > 0, key, "a positive integer", get_path(cfg, key))
+    _check(m.d_model >= 0, "model.d_model", "0 (from the store) or a positive integer", m.d_model)
+    _check(0.0 <= cfg.data.holdout_fraction < 1.0, "data.holdout_fraction", "in [0, 1)", cfg.data.holdout_fraction)
+    _check(t.eval_tokens >= 0, "train.eval_tokens", "0 or a positive integer", t.eval_tokens)
+    if m.k is not None and m.architecture in ("topk", "batchtopk"):
+        _check(0 < m.k <= m.d_sae, "model.k", f"in 1..model.d_sae ({m.d_sae})", m.k)
+    if cfg.sparsity.coefficient is not None:
+        _check(cfg.sparsity.coefficient >= 0, "sparsity.coefficient", "non-negative", cfg.sparsity.coefficient)
+    if cfg.optim.lr is not None:
+        _check(cfg.optim.lr > 0, "optim.lr", "positive", cfg.optim.lr)
+    for key in ("optim.beta1", "optim.beta2"):
+        v = get_path(cfg, key)
+        if v is not None:
+            _check(0.0 <= v < 1.0, key, "in [0, 1)", v)
+    for key in ("model.jumprelu_eps", "model.jumprelu_theta_init"):
+        v = get_path(cfg, key)
+        if v is not None:
+            _check(v > 0, key, "positive", v)
+    if cfg.sparsity.penalty is not None and m.architecture in _ARCH_PENALTIES:
+        ok = _ARCH_PENALTIES[m.architecture]
+        _check(cfg.sparsity.penalty in ok, "sparsity.penalty", f"one of {', '.join(ok)} for architecture "
+               f"'{m.architecture}'", cfg.sparsity.penalty)
+    for key in ("mesh.data", "mesh.model"):
+        v = get_path(cfg, key)
+        _check(v == -1 or v > 0, key, "a positive axis size or -1 (the rest)", v)
+    _check(cfg.checkpoint.every >= 0, "checkpoint.every", "0 or a positive integer", cfg.checkpoint.every)
+    _check(cfg.checkpoint.keep > 0, "checkpoint.keep", "a positive integer", cfg.checkpoint.keep)
+
+
+# --------------------------------------------------------------------------- loading
+def all_keys(cls=Config, prefix: str = "") -> list[str]:
+    """Every dotted key of a config class, e.g. 'model.d_sae'."""
+    keys = []
+    for f in fields(cls):
+        sub = _field_type(cls, f.name)
+        if is_dataclass(sub):
+            keys += all_keys(sub, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _field_type(cls, name: str):
+    return typing.get_type_hints(cls)[name]
+
+
+def _unknown(key: str, where: str = "") -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else "."
+    return ConfigError(f"unknown config key '{key}'{where}{hint}")
+
+
+def _coerce(key: str, typ, value: Any) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise naming the key."""
+    args = typing.get_args(typ)
+    is_union = typing.get_origin(typ) in (typing.Union, types.UnionType)
+    if is_union:
+        if value is None and type(None) in args:
+            return None
+        typ = next(a for a in args if a is not type(None))
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            number = _as_float(value)
+            if number is not None and number.is_integer():
+                return int(number)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _as_float(value) is not None:
+            return _as_float(value)
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif typ is list or typing.get_origin(typ) is list:
+        if isinstance(value, list):
+            return value
+    tname = getattr(typ, "__name__", str(typ))
+    raise ConfigError(f"config key '{key}' expects {tname}, got {value!r}.")
+
+
+def _as_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def from_dict(tree: dict[str, Any], cls=Config, prefix: str = "", where: str = ""):
+    """Build a config section from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}'{where} must be a mapping, "
+                          f"got {tree!r}.")
+    names = {f.name for f in fields(cls)}
+    kwargs = {}
+    for name, value in tree.items():
+        key = prefix + str(name)
+        if name not in names:
+            raise _unknown(key, where)
+        typ = _field_type(cls, name)
+        if is_dataclass(typ):
+            kwargs[name] = from_dict(value or {}, typ, key + ".", where)
+        else:
+            kwargs[name] = _coerce(key, typ, value)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    """The config as a plain nested dict (what config.yaml holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'model.d_sae=4096' -> ('model.d_sae', 4096); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value, e.g. model.d_sae=4096.")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def set_path(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key in a nested dict, creating sections on the way."""
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        if not isinstance(node.get(p, {}), dict):
+            raise _unknown(key)
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def get_path(cfg, key: str) -> Any:
+    """Read a dotted key from a config object."""
+    node = cfg
+    for p in key.split("."):
+        node = getattr(node, p)
+    return node
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict, with a clear error for a bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; pass the path of a YAML file such as "
+                          "configs/demo.yaml.")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML ({str(e).splitlines()[0]}).") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(tree).__name__}.")
+    return tree
+
+
+def normalize_overrides(args: list[str]) -> list[str]:
+    """Accept both 'a.b=1' and '--a.b 1' / '--a.b=1' forms."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--"):
+            a = a[2:]
+            if "=" not in a:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"override '--{a}' needs a value, e.g. --{a} 1.")
+                a = f"{a}={args[i + 1]}"
+                i += 1
+        out.append(a)
+        i += 1
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (), resolve_recipe: bool = True,
+                base: dict | None = None) -> Config:
+    """Load YAML (optional) plus dotted overrides into a validated Config."""
+    tree = dict(base or {})
+    if path is not None:
+        tree = load_yaml(path)
+    where = f" in '{path}'" if path else ""
+    for text in normalize_overrides(list(overrides)):
+        key, value = parse_override(text)
+        if key not in all_keys() and not _is_section(key):
+            raise _unknown(key)
+        set_path(tree, key, value)
+    cfg = from_dict(tree, where=where)
+    return resolve(cfg) if resolve_recipe else cfg
+
+
+def _is_section(key: str) -> bool:
+    return any(k.startswith(key + ".") for k in all_keys())
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def with_d_model(cfg: Config, d_model: int) -> Config:
+    """The config with d_model set from the store and d_model-dependent defaults filled."""
+    k_aux = cfg.model.k_aux if cfg.model.k_aux is not None else max(1, d_model // 2)
+    return replace(cfg, model=replace(cfg.model, d_model=d_model, k_aux=k_aux))

@@ -1,0 +1,395 @@
+"""The SAE architectures behind one interface.
+
+Each architecture is a frozen dataclass of static hyper-parameters with pure methods over a
+parameter dict (a pytree of arrays named as in the papers: W_enc [d, m], b_enc [m],
+W_dec [m, d], b_dec [d], ...):
+
+- ``init(key, sample)`` -> params, ``init_stats()`` -> latent statistics;
+- ``encode(params, x, stats)`` -> f [B, m] (inference code), ``decode(params, f)`` -> x_hat;
+- ``forward(params, x, stats)`` -> ``Output`` (the training pass: code, reconstruction and
+  the loss terms); ``loss`` combines them with the sparsity coefficient;
+- ``constrain_grads`` / ``constrain_params`` (unit-norm decoder rows where the recipe has
+  them), ``update_stats`` (dead-latent counters, BatchTopK threshold), ``fold_scale``
+  (fold the activation normalization into the parameters);
+- ``param_axes()`` -> logical axis names per parameter, for ``sharding.py``.
+
+The training step, the sweep and the export need no per-architecture branches: they call
+these methods through ``make_sae``. No mesh or file is seen here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sae_jax.models import activations as act
+from sae_jax.models import init as init_lib
+
+Params = dict[str, jax.Array]
+Stats = dict[str, jax.Array]
+INT_CAP = 2**30  # tokens_since_fired saturates here (int32 counters)
+
+
+class Output(NamedTuple):
+    """What one training forward pass produces."""
+
+    x_hat: jax.Array
+    """Reconstruction [B, d]."""
+    f: jax.Array
+    """Latent code [B, m] (dense, for metrics and firing statistics)."""
+    recon: jax.Array
+    """Reconstruction loss (scalar)."""
+    sparsity: jax.Array
+    """Sparsity penalty before the coefficient (scalar)."""
+    aux: jax.Array
+    """Auxiliary loss, already weighted (gated's aux term, AuxK); 0 where none."""
+    extras: dict[str, jax.Array]
+    """Architecture-specific values for ``update_stats`` (e.g. BatchTopK's smallest kept)."""
+
+
+def squared_error(x: jax.Array, x_hat: jax.Array) -> jax.Array:
+    """||x - x_hat||^2 summed over d and averaged over the batch."""
+    return jnp.mean(jnp.sum(jnp.square(x - x_hat), axis=-1))
+
+
+def normalized_mse(x: jax.Array, x_hat: jax.Array) -> jax.Array:
+    """sum||x - x_hat||^2 / sum||x - mean(x)||^2 over the batch (Gao et al. 2024)."""
+    return jnp.sum(jnp.square(x - x_hat)) / jnp.maximum(jnp.sum(jnp.square(x - jnp.mean(x, 0))), 1e-12)
+
+
+def unit_rows(W: jax.Array) -> jax.Array:
+    """Rows rescaled to unit norm."""
+    return W / jnp.maximum(jnp.linalg.norm(W, axis=-1, keepdims=True), 1e-12)
+
+
+def remove_parallel_grad(W: jax.Array, g: jax.Array) -> jax.Array:
+    """The decoder gradient without its component along each (unit-norm) row."""
+    Wn = unit_rows(W)
+    return g - jnp.sum(g * Wn, axis=-1, keepdims=True) * Wn
+
+
+@dataclass(frozen=True)
+class SAE:
+    """Common parts: the ReLU SAE, which the other architectures specialise."""
+
+    d_model: int
+    d_sae: int
+    penalty: str = "l1"
+    init_decoder_norm: float = 1.0
+    init_b_dec: str = "zeros"
+    apply_b_dec_to_input: bool = True
+    dead_tokens: int = 10_000_000
+    name: ClassVar[str] = "relu"
+
+    # ------------------------------------------------------------------ structure
+    def param_axes(self) -> dict[str, tuple[str | None, ...]]:
+        """Logical axis names of every parameter and statistic."""
+        return {
+            "W_enc": ("embed", "latent"),
+            "b_enc": ("latent",),
+            "W_dec": ("latent", "embed"),
+            "b_dec": ("embed",),
+            "tokens_since_fired": ("latent",),
+            "threshold": (),
+            "log_threshold": ("latent",),
+            "r_mag": ("latent",),
+            "b_gate": ("latent",),
+            "b_mag": ("latent",),
+        }
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        """Decoder rows held at unit norm (gradient projection + renormalization)."""
+        return self.penalty != "l1_decoder_norm"
+
+    bias_names: ClassVar[tuple[str, ...]] = ("b_enc", "b_dec")
+
+    # ------------------------------------------------------------------ init
+    def init(self, key: jax.Array, sample: jax.Array | None = None) -> Params:
+        """W_dec rows random directions (norm ``init_decoder_norm``), W_enc = W_dec^T."""
+        W_dec = init_lib.decoder_rows(key, self.d_sae, self.d_model, self.init_decoder_norm)
+        return {
+            "W_enc": init_lib.tied_encoder(W_dec),
+            "b_enc": jnp.zeros((self.d_sae,), jnp.float32),
+            "W_dec": W_dec,
+            "b_dec": init_lib.initial_b_dec(self.init_b_dec, self.d_model, sample),
+        }
+
+    def init_stats(self) -> Stats:
+        """Per-latent counters kept in the training state."""
+        return {"tokens_since_fired": jnp.zeros((self.d_sae,), jnp.int32)}
+
+    # ------------------------------------------------------------------ pieces
+    def centred(self, params: Params, x: jax.Array) -> jax.Array:
+        """The encoder input: x - b_dec (or x where the recipe does not subtract b_dec)."""
+        return x - params["b_dec"] if self.apply_b_dec_to_input else x
+
+    def pre_acts(self, params: Params, x: jax.Array) -> jax.Array:
+        """Encoder pre-activations."""
+        return self.centred(params, x) @ params["W_enc"] + params["b_enc"]
+
+    def encode(self, params: Params, x: jax.Array, stats: Stats | None = None) -> jax.Array:
+        """The latent code used at inference."""
+        return jax.nn.relu(self.pre_acts(params, x))
+
+    def decode(self, params: Params, f: jax.Array) -> jax.Array:
+        """x_hat = f W_dec + b_dec."""
+        return f @ params["W_dec"] + params["b_dec"]
+
+    def decoder_norms(self, params: Params) -> jax.Array:
+        """||W_dec,i|| for every latent."""
+        return jnp.linalg.norm(params["W_dec"], axis=-1)
+
+    def l1(self, params: Params, f: jax.Array) -> jax.Array:
+        """sum_i f_i (l1) or sum_i f_i ||W_dec,i|| (l1_decoder_norm), batch mean."""
+        if self.penalty == "l1_decoder_norm":
+            f = f * self.decoder_norms(params)
+        return jnp.mean(jnp.sum(f, axis=-1))
+
+    # ------------------------------------------------------------------ training pass
+    def forward(self, params: Params, x: jax.Array, stats: Stats) -> Output:
+        """Training forward pass: code, reconstruction and loss terms."""
+        f = self.encode(params, x, stats)
+        x_hat = self.decode(params, f)
+        zero = jnp.zeros((), jnp.float32)
+        return Output(x_hat, f, squared_error(x, x_hat), self.l1(params, f), zero, {})
+
+    def loss(self, params: Params, x: jax.Array, coefficient: jax.Array, stats: Stats):
+        """Total loss = recon + coefficient * sparsity + aux, with the Output as aux data."""
+        out = self.forward(params, x, stats)
+        return out.recon + coefficient * out.sparsity + out.aux, out
+
+    # ------------------------------------------------------------------ constraints
+    def constrain_grads(self, params: Params, grads: Params) -> Params:
+        """Remove the decoder gradient's component parallel to each row (unit-norm recipes)."""
+        if not self.unit_norm_decoder:
+            return grads
+        return dict(grads, W_dec=remove_parallel_grad(params["W_dec"], grads["W_dec"]))
+
+    def constrain_params(self, params: Params) -> Params:
+        """Renormalize decoder rows after the optimizer step (unit-norm recipes)."""
+        if not self.unit_norm_decoder:
+            return params
+        return dict(params, W_dec=unit_rows(params["W_dec"]))
+
+    # ------------------------------------------------------------------ statistics
+    def update_stats(self, stats: Stats, out: Output) -> Stats:
+        """Advance the tokens-since-fired counters by one batch."""
+        fired = jnp.any(out.f != 0, axis=0)
+        n = out.f.shape[0]
+        since = jnp.minimum(stats["tokens_since_fired"] + n, INT_CAP)
+        return dict(stats, tokens_since_fired=jnp.where(fired, 0, since).astype(jnp.int32))
+
+    def dead_mask(self, stats: Stats) -> jax.Array:
+        """Latents that have not fired for ``dead_tokens`` tokens."""
+        return stats["tokens_since_fired"] >= self.dead_tokens
+
+    # ------------------------------------------------------------------ normalization
+    def fold_scale(self, params: Params, stats: Stats, scale: float) -> tuple[Params, Stats]:
+        """Parameters for raw activations, when training saw x * scale.
+
+        Every architecture here is positively homogeneous in (x, biases, thresholds), so
+        dividing biases and thresholds by ``scale`` gives x_hat(x_raw) = x_hat_n / scale.
+        """
+        params = {k: (v / scale if k in self.bias_names else v) for k, v in params.items()}
+        return params, stats
+
+
+@dataclass(frozen=True)
+class GatedSAE(SAE):
+    """Gated SAE (Rajamanoharan et al. 2024, arXiv 2404.16014), with weight sharing."""
+
+    aux_coefficient: float = 1.0
+    name: ClassVar[str] = "gated"
+    bias_names: ClassVar[tuple[str, ...]] = ("b_gate", "b_mag", "b_dec")
+
+    def init(self, key, sample=None):
+        p = super().init(key, sample)
+        b = p.pop("b_enc")
+        return dict(p, b_gate=b, b_mag=b, r_mag=jnp.zeros_like(b))
+
+    def gate_and_mag(self, params: Params, x: jax.Array):
+        """pi_gate = (x - b_dec) W_gate + b_gate; pi_mag = (x - b_dec)(W_gate * exp(r_mag)) + b_mag."""
+        h = self.centred(params, x) @ params["W_enc"]
+        return h + params["b_gate"], h * jnp.exp(params["r_mag"]) + params["b_mag"]
+
+    def encode(self, params, x, stats=None):
+        pi_gate, pi_mag = self.gate_and_mag(params, x)
+        return jax.lax.stop_gradient((pi_gate > 0).astype(x.dtype)) * jax.nn.relu(pi_mag)
+
+    def forward(self, params, x, stats):
+        pi_gate, pi_mag = self.gate_and_mag(params, x)
+        f = jax.lax.stop_gradient((pi_gate > 0).astype(x.dtype)) * jax.nn.relu(pi_mag)
+        x_hat = self.decode(params, f)
+        gate = jax.nn.relu(pi_gate)
+        sparsity = self.l1(params, gate)
+        # The aux term trains the gate path to reconstruct through a frozen decoder.
+        frozen = gate @ jax.lax.stop_gradient(params["W_dec"]) + jax.lax.stop_gradient(params["b_dec"])
+        aux = self.aux_coefficient * squared_error(x, frozen)
+        return Output(x_hat, f, squared_error(x, x_hat), sparsity, aux, {})
+
+    def l1(self, params, f):
+        # Decoder-norm variant: the penalty's norm is frozen (author's note), since the
+        # aux term's decoder is frozen too.
+        if self.penalty == "l1_decoder_norm":
+            f = f * jax.lax.stop_gradient(self.decoder_norms(params))
+        return jnp.mean(jnp.sum(f, axis=-1))
+
+
+@dataclass(frozen=True)
+class JumpReLUSAE(SAE):
+    """JumpReLU SAE (Rajamanoharan et al. 2024, arXiv 2407.14435) with the L0 penalty."""
+
+    eps: float = 1e-3
+    theta_init: float = 1e-3
+    theta_param: str = "log"
+    name: ClassVar[str] = "jumprelu"
+
+    def init(self, key, sample=None):
+        p = super().init(key, sample)
+        theta = jnp.full((self.d_sae,), self.theta_init, jnp.float32)
+        return dict(p, log_threshold=jnp.log(theta) if self.theta_param == "log" else theta)
+
+    def threshold(self, params: Params) -> jax.Array:
+        """theta, from its log or raw parameterization."""
+        t = params["log_threshold"]
+        return jnp.exp(t) if self.theta_param == "log" else t
+
+    def encode(self, params, x, stats=None):
+        pre = self.pre_acts(params, x)
+        return pre * (pre > self.threshold(params))
+
+    def forward(self, params, x, stats):
+        pre = self.pre_acts(params, x)
+        theta = self.threshold(params)
+        f = act.jumprelu(pre, theta, self.eps)
+        x_hat = self.decode(params, f)
+        l0 = jnp.mean(jnp.sum(act.heaviside_step(pre, theta, self.eps), axis=-1))
+        return Output(x_hat, f, squared_error(x, x_hat), l0, jnp.zeros(()), {})
+
+    def fold_scale(self, params, stats, scale):
+        params, stats = super().fold_scale(params, stats, scale)
+        t = params["log_threshold"]
+        t = t - jnp.log(scale) if self.theta_param == "log" else t / scale
+        return dict(params, log_threshold=t), stats
+
+
+@dataclass(frozen=True)
+class TopKSAE(SAE):
+    """TopK SAE with AuxK (Gao et al. 2024, arXiv 2406.04093); sparse decode."""
+
+    k: int = 32
+    k_aux: int = 256
+    aux_coefficient: float = 1 / 32
+    name: ClassVar[str] = "topk"
+
+    def encode(self, params, x, stats=None):
+        values, idx = act.topk_select(self.pre_acts(params, x), self.k)
+        return act.densify(values, idx, self.d_sae)
+
+    def forward(self, params, x, stats):
+        values, idx = act.sparse_encoder_topk(self.centred(params, x), params["W_enc"], params["b_enc"], self.k)
+        x_hat = act.sparse_decode(values, idx, params["W_dec"]) + params["b_dec"]
+        f = act.densify(jax.lax.stop_gradient(values), idx, self.d_sae)
+        aux = self.auxk(params, x, x_hat, stats)
+        return Output(x_hat, f, normalized_mse(x, x_hat), jnp.zeros(()), aux, {})
+
+    def auxk(self, params: Params, x: jax.Array, x_hat: jax.Array, stats: Stats) -> jax.Array:
+        """alpha * ||e - e_hat||^2 / ||e - mean e||^2, e_hat from the top-k_aux dead latents."""
+        if self.aux_coefficient == 0:
+            return jnp.zeros(())
+        dead = self.dead_mask(stats)
+        e = jax.lax.stop_gradient(x - x_hat)
+        pre = self.pre_acts(params, x)  # recomputed: XLA shares it with the encoder's matmul
+        k_aux = min(self.k_aux, self.d_sae)
+        values, idx = act.topk_select(jnp.where(dead, pre, -jnp.inf), k_aux)
+        e_hat = act.sparse_decode(values, idx, params["W_dec"])
+        loss = jnp.nan_to_num(normalized_mse(e, e_hat))
+        return self.aux_coefficient * jnp.where(jnp.any(dead), loss, 0.0)
+
+
+@dataclass(frozen=True)
+class BatchTopKSAE(TopKSAE):
+    """BatchTopK (Bussmann et al. 2024, arXiv 2412.06410); inference by a global threshold."""
+
+    threshold_momentum: float = 0.99
+    name: ClassVar[str] = "batchtopk"
+
+    def init_stats(self):
+        return dict(super().init_stats(), threshold=jnp.asarray(-1.0, jnp.float32))
+
+    def encode(self, params, x, stats=None):
+        acts = jax.nn.relu(self.pre_acts(params, x))
+        return jnp.where(acts > stats["threshold"], acts, 0.0)
+
+    def forward(self, params, x, stats):
+        f, mask = act.batch_topk_select(self.pre_acts(params, x), self.k)
+        x_hat = self.decode(params, f)
+        kept = jnp.where(mask & (f > 0), f, jnp.inf)
+        aux = self.auxk(params, x, x_hat, stats)
+        min_kept = jax.lax.stop_gradient(jnp.min(kept))
+        return Output(x_hat, f, normalized_mse(x, x_hat), jnp.zeros(()), aux, {"min_kept": min_kept})
+
+    def update_stats(self, stats, out):
+        stats = super().update_stats(stats, out)
+        m, old = out.extras["min_kept"], stats["threshold"]
+        new = jnp.where(old < 0, m, self.threshold_momentum * old + (1 - self.threshold_momentum) * m)
+        return dict(stats, threshold=jnp.where(jnp.isfinite(m), new, old))
+
+    def fold_scale(self, params, stats, scale):
+        params, stats = super().fold_scale(params, stats, scale)
+        return params, dict(stats, threshold=stats["threshold"] / scale)
+
+
+@dataclass(frozen=True)
+class ProLUSAE(SAE):
+    """ProLU SAE (Taggart 2024): the bias gates but never shifts the magnitude."""
+
+    estimator: str = "ste"
+    name: ClassVar[str] = "prolu"
+
+    def prolu(self, params: Params, x: jax.Array) -> jax.Array:
+        fn = act.prolu_ste if self.estimator == "ste" else act.prolu_relu
+        return fn(self.centred(params, x) @ params["W_enc"], params["b_enc"])
+
+    def encode(self, params, x, stats=None):
+        return act.prolu_reference(self.centred(params, x) @ params["W_enc"], params["b_enc"])
+
+    def forward(self, params, x, stats):
+        f = self.prolu(params, x)
+        x_hat = self.decode(params, f)
+        return Output(x_hat, f, squared_error(x, x_hat), self.l1(params, f), jnp.zeros(()), {})
+
+    def l1(self, params, f):
+        if self.penalty != "sqrt_l1":
+            return super().l1(params, f)
+        # sum_i sqrt(f_i), with a zero (not infinite) gradient where f_i = 0.
+        safe = jnp.where(f > 0, f, 1.0)
+        return jnp.mean(jnp.sum(jnp.where(f > 0, jnp.sqrt(safe), 0.0), axis=-1))
+
+
+REGISTRY: dict[str, type[SAE]] = {
+    cls.name: cls for cls in (SAE, GatedSAE, JumpReLUSAE, TopKSAE, BatchTopKSAE, ProLUSAE)
+}
+
+
+def make_sae(model: Any, penalty: str, dead_tokens: int = 10_000_000) -> SAE:
+    """Build the architecture named by ``model.architecture`` from a resolved ModelConfig."""
+    cls = REGISTRY[model.architecture]
+    common = dict(
+        d_model=model.d_model, d_sae=model.d_sae, penalty=penalty, init_decoder_norm=model.init_decoder_norm,
+        init_b_dec=model.init_b_dec, apply_b_dec_to_input=model.apply_b_dec_to_input, dead_tokens=dead_tokens,
+    )
+    extra = {
+        "gated": dict(aux_coefficient=model.aux_coefficient),
+        "jumprelu": dict(eps=model.jumprelu_eps, theta_init=model.jumprelu_theta_init,
+                         theta_param=model.jumprelu_theta_param),
+        "topk": dict(k=model.k, k_aux=model.k_aux, aux_coefficient=model.aux_coefficient),
+        "batchtopk": dict(k=model.k, k_aux=model.k_aux, aux_coefficient=model.aux_coefficient,
+                          threshold_momentum=model.threshold_momentum),
+        "prolu": dict(estimator=model.prolu_estimator),
+    }.get(model.architecture, {})
+    return cls(**common, **extra)

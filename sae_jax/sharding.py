@@ -1,0 +1,112 @@
+"""The device mesh and the one table of logical-axis rules.
+
+This is the only module that names mesh axes. Model code speaks of logical axes
+(``batch``, ``latent``, ``embed``, ``sweep``); ``RULES`` maps them to the mesh.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA, MODEL = "data", "model"
+RULES: tuple[tuple[str, str | None], ...] = (
+    ("batch", DATA),
+    ("latent", MODEL),
+    ("embed", None),
+    ("sweep", None),
+)
+
+
+def axis_sizes(data: int, model: int, n_devices: int) -> tuple[int, int]:
+    """Resolve -1 ("the rest") in the mesh sizes and check they cover the devices."""
+    if data == -1 and model == -1:
+        raise ValueError("mesh.data and mesh.model cannot both be -1; set one of them.")
+    if data == -1:
+        data = n_devices // model
+    if model == -1:
+        model = n_devices // data
+    if data * model != n_devices:
+        raise ValueError(f"mesh.data × mesh.model = {data} × {model} must equal the {n_devices} devices; "
+                         "set one of them to -1 to take the rest.")
+    return data, model
+
+
+def make_mesh(data: int = -1, model: int = 1, devices: list | None = None) -> Mesh:
+    """A (data, model) mesh over ``devices`` (default: all devices of all processes)."""
+    devices = list(jax.devices()) if devices is None else list(devices)
+    d, m = axis_sizes(data, model, len(devices))
+    return Mesh(np.asarray(devices).reshape(d, m), (DATA, MODEL))
+
+
+def logical_to_spec(axes: tuple[str | None, ...], rules=RULES) -> PartitionSpec:
+    """PartitionSpec of a tensor whose dimensions carry these logical names."""
+    table = dict(rules)
+    return PartitionSpec(*(table.get(a) if a is not None else None for a in axes))
+
+
+def tree_specs(tree: Any, axes: dict[str, tuple], rules=RULES, lead: tuple = ()) -> Any:
+    """PartitionSpecs for a pytree (params, optimizer state, statistics).
+
+    A leaf takes the logical axes of the nearest dict key on its path that ``axes`` names
+    (so Adam's mu/nu follow their parameter); other leaves are replicated. ``lead`` names
+    extra leading dimensions (the sweep axis).
+    """
+
+    def spec(path, leaf):
+        if not hasattr(leaf, "shape") or leaf.shape == ():
+            return PartitionSpec()
+        names = [getattr(k, "key", None) for k in path]
+        for name in reversed(names):
+            if name in axes and len(axes[name]) + len(lead) == len(leaf.shape):
+                return logical_to_spec(lead + tuple(axes[name]), rules)
+        return PartitionSpec()
+
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def named(mesh: Mesh, specs: Any) -> Any:
+    """NamedShardings for a pytree of PartitionSpecs."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh, lead: tuple = ()) -> NamedSharding:
+    """Sharding of a [B, d] batch: rows split over the data axis."""
+    return NamedSharding(mesh, logical_to_spec(lead + ("batch", "embed")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Fully replicated sharding."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+# --------------------------------------------------------------------------- processes
+def _autodetected() -> bool:
+    slurm = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in os.environ
+    tpu = any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID", "MEGASCALE_COORDINATOR_ADDRESS"))
+    return slurm or tpu
+
+
+def init_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> bool:
+    """Start jax.distributed when the config or the environment asks for several processes.
+
+    Explicit coordinator/num_processes/process_id win; otherwise SLURM and Cloud TPU are
+    autodetected by JAX itself. On CPU the collectives use gloo. Returns True if started.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    explicit = bool(coordinator) or num_processes > 1
+    if not explicit and not _autodetected():
+        return False
+    # Only affects the CPU backend; must be set before the backends start.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if explicit:
+        kwargs = dict(coordinator_address=coordinator or None, num_processes=num_processes or None,
+                      process_id=None if process_id < 0 else process_id)
+    jax.distributed.initialize(**kwargs)
+    return True
