@@ -55,9 +55,9 @@ def prepare(cfg: config_lib.Config) -> Run:
     cfg = config_lib.with_d_model(cfg, store.d_model)
     sae = make_sae(cfg.model, cfg.sparsity.penalty, cfg.train.dead_tokens)
     o = cfg.optim
-    tx, lr_schedule = step_lib.optimizer(o.lr, o.beta1, o.beta2, o.warmup_steps, cfg.train.steps, o.decay,
-                                         o.decay_fraction, o.grad_clip)
-    coef = step_lib.coefficient_schedule(cfg.sparsity.coefficient, cfg.sparsity.warmup_steps)
+    tx = step_lib.optimizer(o.beta1, o.beta2, o.grad_clip)
+    lr_schedule = step_lib.lr_factor(o.warmup_steps, cfg.train.steps, o.decay, o.decay_fraction)
+    coef = step_lib.coefficient_factor(cfg.sparsity.warmup_steps)
     scale = float(1.0 / np.sqrt(store.norm_scalar)) if cfg.data.normalize else 1.0
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
     return Run(cfg, store, sae, mesh, scale, tx, lr_schedule, coef)
@@ -74,7 +74,7 @@ def init_train_state(run: Run) -> TrainState:
     key = jax.random.key(run.cfg.seed)
 
     def init(key, sample):
-        return init_state(run.sae, run.tx, key, sample)
+        return init_state(run.sae, run.tx, key, sample, run.cfg.optim.lr, run.cfg.sparsity.coefficient)
 
     abstract = jax.eval_shape(init, key, sample)
     return jax.jit(init, out_shardings=state_shardings(run, abstract))(key, sample)
@@ -168,7 +168,8 @@ class MetricsLog:
     def __init__(self, path: Path, tcfg: config_lib.TrainConfig, enabled: bool, start_step: int = 0):
         self.path, self.every, self.enabled = path, tcfg.log_every, enabled
         self.batch, self.total = tcfg.batch_size, tcfg.steps
-        self.file = open(path, "a") if enabled else None  # noqa: SIM115 - closed in close()
+        # A fresh run starts the log over; a resumed one (start_step > 0) continues it.
+        self.file = open(path, "a" if start_step else "w") if enabled else None  # noqa: SIM115 - closed in close()
         self.bar = _progress(tcfg.steps, start_step) if enabled and tcfg.progress else None
         self.last_step, self.last_time = start_step, time.perf_counter()
 

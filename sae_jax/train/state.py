@@ -25,9 +25,12 @@ class TrainState:
     """Per-latent statistics: tokens since each latent fired, BatchTopK threshold."""
     rng: jax.Array
     """PRNG key of the run (for stochastic parts such as resampling)."""
+    hparams: dict[str, jax.Array]
+    """Per-run hyper-parameters a sweep varies: 'lr' and 'coefficient' (float32 scalars)."""
 
 
-def init_state(sae: SAE, tx: optax.GradientTransformation, key: jax.Array, sample: jax.Array | None) -> TrainState:
+def init_state(sae: SAE, tx: optax.GradientTransformation, key: jax.Array, sample: jax.Array | None,
+               lr: float = 1e-3, coefficient: float = 0.0) -> TrainState:
     """A fresh state: parameters by the architecture's recipe, zeroed optimizer state."""
     k_params, k_run = jax.random.split(key)
     params = sae.constrain_params(sae.init(k_params, sample))
@@ -37,4 +40,6 @@ def init_state(sae: SAE, tx: optax.GradientTransformation, key: jax.Array, sampl
         opt_state=tx.init(params),
         stats=sae.init_stats(),
         rng=k_run,
+        hparams={"lr": jax.numpy.asarray(lr, jax.numpy.float32),
+                 "coefficient": jax.numpy.asarray(coefficient, jax.numpy.float32)},
     )

@@ -1,6 +1,9 @@
 """The training step: a pure function of (state, batch), jitted once by the loop.
 
 It knows no files and no meshes; the architecture supplies the loss and constraints.
+Hyper-parameters that a sweep varies (learning rate, sparsity coefficient) live in
+``state.hparams``, so that stacking states along a sweep axis and vmapping the step gives
+each member its own values.
 """
 
 from __future__ import annotations
@@ -16,51 +19,59 @@ from sae_jax.models.sae import SAE
 from sae_jax.train.state import TrainState
 
 
-def optimizer(lr: float, beta1: float, beta2: float, warmup_steps: int, total_steps: int, decay: str = "constant",
-              decay_fraction: float = 0.2, grad_clip: float = 0.0) -> tuple[optax.GradientTransformation, Callable]:
-    """Adam with linear warmup then a constant, linear-to-zero or cosine schedule."""
-    warm = optax.linear_schedule(0.0, lr, max(warmup_steps, 1))
+def lr_factor(warmup_steps: int, total_steps: int, decay: str = "constant",
+              decay_fraction: float = 0.2) -> Callable[[jax.Array], jax.Array]:
+    """Learning-rate multiplier in [0, 1]: linear warmup, then constant, linear-to-zero or cosine."""
+    warm = optax.linear_schedule(0.0, 1.0, max(warmup_steps, 1))
     rest = max(total_steps - warmup_steps, 1)
     if decay == "linear":
         hold = max(rest - int(decay_fraction * total_steps), 0)
-        after = optax.join_schedules([optax.constant_schedule(lr), optax.linear_schedule(lr, 0.0, rest - hold)],
+        after = optax.join_schedules([optax.constant_schedule(1.0), optax.linear_schedule(1.0, 0.0, rest - hold)],
                                      [hold])
     elif decay == "cosine":
-        after = optax.cosine_decay_schedule(lr, rest)
+        after = optax.cosine_decay_schedule(1.0, rest)
     else:
-        after = optax.constant_schedule(lr)
-    schedule = optax.join_schedules([warm, after], [warmup_steps])
+        after = optax.constant_schedule(1.0)
+    return optax.join_schedules([warm, after], [warmup_steps])
+
+
+def optimizer(beta1: float, beta2: float, grad_clip: float = 0.0) -> optax.GradientTransformation:
+    """Adam's update direction (with optional global-norm clipping); the step scales it by -lr."""
     parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
-    return optax.chain(*parts, optax.adam(schedule, b1=beta1, b2=beta2)), schedule
+    return optax.chain(*parts, optax.scale_by_adam(b1=beta1, b2=beta2))
 
 
-def coefficient_schedule(coefficient: float, warmup_steps: int) -> Callable[[jax.Array], jax.Array]:
-    """Sparsity coefficient, warmed up linearly from 0 over ``warmup_steps``."""
+def coefficient_factor(warmup_steps: int) -> Callable[[jax.Array], jax.Array]:
+    """Sparsity-coefficient multiplier, warmed up linearly from 0 over ``warmup_steps``."""
 
-    def coef(step):
-        return coefficient * jnp.minimum(1.0, (step + 1) / max(warmup_steps, 1))
+    def factor(step):
+        return jnp.minimum(1.0, (step + 1) / max(warmup_steps, 1))
 
-    return coef
+    return factor
 
 
-def make_train_step(sae: SAE, tx: optax.GradientTransformation, lr_schedule: Callable, coef: Callable,
+def make_train_step(sae: SAE, tx: optax.GradientTransformation, lr_schedule: Callable, coef_schedule: Callable,
                     scale: float = 1.0) -> Callable:
     """(state, x) -> (state, metrics): one Adam step on a batch of raw activations x.
 
-    ``scale`` is the activation normalization (x is multiplied by it before the SAE).
+    The learning rate is ``state.hparams['lr'] * lr_schedule(step)`` and the sparsity
+    coefficient ``state.hparams['coefficient'] * coef_schedule(step)``. ``scale`` is the
+    activation normalization (x is multiplied by it before the SAE).
     """
 
     def train_step(state: TrainState, x: jax.Array):
         x = x.astype(jnp.float32) * scale
-        lam = coef(state.step)
+        lam = state.hparams["coefficient"] * coef_schedule(state.step)
+        lr = state.hparams["lr"] * lr_schedule(state.step)
         grad_fn = jax.value_and_grad(sae.loss, has_aux=True)
         (loss, out), grads = grad_fn(state.params, x, lam, state.stats)
         grads = sae.constrain_grads(state.params, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = sae.constrain_params(optax.apply_updates(state.params, updates))
+        direction, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = jax.tree.map(lambda p, u: p - lr * u, state.params, direction)
+        params = sae.constrain_params(params)
         stats = sae.update_stats(state.stats, out)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, stats=stats)
-        return new, step_metrics(sae, x, out, loss, lam, lr_schedule(state.step), stats)
+        return new, step_metrics(sae, x, out, loss, lam, lr, stats)
 
     return train_step
 

@@ -1,0 +1,1 @@
+"""Activation stores (store.py) and the input pipeline that reads them (pipeline.py)."""

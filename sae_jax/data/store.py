@@ -1,0 +1,635 @@
+"""The activation store: zarr3 arrays [n_tokens, d_model] on tensorstore, plus one metadata file.
+
+Layout of a finalized store directory::
+
+    STORE/metadata.json        written last; format version, shape, dtype, source, norm scalar,
+                               a sha256 per shard of every site, a sha256 per extra file
+    STORE/<site>/zarr.json     one zarr3 array per site (hook or layer), all in the same token order
+    STORE/<site>/c/<k>/0       shard k: rows [k*rows_per_shard, (k+1)*rows_per_shard), made of
+                               chunks of rows_per_chunk rows (sharding_indexed codec)
+    STORE/<name>.npy           optional extra files (e.g. ground_truth.npy)
+
+Durability: a writer fills ``STORE.partial`` and records its progress there after every whole
+shard; ``finalize`` writes ``metadata.json`` and renames the directory into place, so a crashed
+writer leaves nothing that opens as a store, and ``create_store(..., resume=True)`` continues
+after the last whole shard. Every chunk and shard index carries a crc32c (checked on every read)
+and ``fill_missing_data_reads`` is off, so a missing shard is an error and never reads as zeros.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import tensorstore as ts
+
+log = logging.getLogger(__name__)
+
+FORMAT = "sae_jax.activation_store"
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+PROGRESS_FILE = "progress.json"
+PARTIAL_SUFFIX = ".partial"
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+DTYPE_ALIASES = {"bf16": "bfloat16", "f32": "float32", "fp32": "float32"}
+DEFAULT_ROWS_PER_CHUNK = 1024
+SHARD_TARGET_BYTES = 64 << 20  # whole shards are buffered by the writer: keep them modest
+MAX_CHUNKS_PER_SHARD = 64
+NORM_SAMPLE_ROWS = 65536
+READ_CACHE_BYTES = 8 << 20  # enough to keep shard indices cached between block reads
+
+
+class StoreError(Exception):
+    """A store is missing, unfinalized, damaged or does not fit: the message names the file and the fix."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def canonical_dtype(dtype: str, where: str = "dtype") -> str:
+    """'float32' or 'bfloat16' (aliases bf16, f32, fp32 accepted); StoreError otherwise."""
+    name = DTYPE_ALIASES.get(str(dtype), str(dtype))
+    if name not in DTYPES:
+        raise StoreError(f"{where}: unsupported dtype '{dtype}'; a store holds float32 or bfloat16.")
+    return name
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Write JSON durably and atomically (temporary file, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{path}: cannot read it as JSON ({e}); the store is damaged, re-create it.") from None
+    if not isinstance(obj, dict):
+        raise StoreError(f"{path}: expected a JSON object; the store is damaged, re-create it.")
+    return obj
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _digest(array: np.ndarray) -> str:
+    """sha256 of an array's bytes in storage dtype and C order."""
+    return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8)).hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _default_rows_per_shard(rows_per_chunk: int, d_model: int, dtype: str) -> int:
+    chunk_bytes = rows_per_chunk * d_model * DTYPES[dtype].itemsize
+    chunks = max(1, min(MAX_CHUNKS_PER_SHARD, SHARD_TARGET_BYTES // chunk_bytes))
+    return rows_per_chunk * 2 ** int(math.log2(chunks))
+
+
+def shard_file(site: str, shard: int) -> str:
+    """Path of a shard inside the store directory (zarr3 default chunk key encoding)."""
+    return f"{site}/c/{shard}/0"
+
+
+def _array_spec(path: Path, layout: dict) -> dict:
+    """The zarr3 spec of one site: sharded, crc32c on every chunk and on every shard index."""
+    raw = {"name": "bytes", "configuration": {"endian": "little"}}
+    sharding = {"name": "sharding_indexed", "configuration": {
+        "chunk_shape": [layout["rows_per_chunk"], layout["d_model"]],
+        "codecs": [raw, {"name": "crc32c"}],
+        "index_codecs": [raw, {"name": "crc32c"}],
+        "index_location": "end",
+    }}
+    return {
+        "driver": "zarr3",
+        "kvstore": {"driver": "file", "path": str(path)},
+        "metadata": {
+            "shape": [0, layout["d_model"]],
+            "data_type": layout["dtype"],
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [layout["rows_per_shard"],
+                                                                               layout["d_model"]]}},
+            "codecs": [sharding],
+            "fill_value": 0,
+        },
+    }
+
+
+def _open_array(path: Path, context: ts.Context | None = None) -> ts.TensorStore:
+    """Open an existing site array for reading; a missing chunk is an error, never fill values."""
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)},
+            "fill_missing_data_reads": False, "recheck_cached_data": "open", "recheck_cached_metadata": "open"}
+    try:
+        return ts.open(spec, open=True, read=True, context=context or _read_context()).result()
+    except ValueError as e:
+        raise StoreError(f"{path}/zarr.json: cannot open the array ({e}); the store is damaged, re-create it.") \
+            from None
+
+
+def _read_context() -> ts.Context:
+    return ts.Context({"cache_pool": {"total_bytes_limit": READ_CACHE_BYTES}})
+
+
+def _as_2d(array: np.ndarray, d_model: int, where: str) -> np.ndarray:
+    array = np.asarray(array)
+    if array.ndim < 2 or array.shape[-1] != d_model:
+        raise StoreError(f"{where}: rows have shape {array.shape} but the store's d_model is {d_model}; "
+                         "pass arrays [n, d_model].")
+    if array.dtype.kind != "f":
+        raise StoreError(f"{where}: unsupported dtype {array.dtype}; pass floating-point activations.")
+    return array.reshape(-1, d_model)
+
+
+# --------------------------------------------------------------------------- writer
+
+
+def create_store(path, *, d_model: int, dtype: str = "float32", sites: Sequence[str] = ("activations",),
+                 source: dict | None = None, rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK,
+                 rows_per_shard: int | None = None, resume: bool = False) -> StoreWriter:
+    """Start writing a store at ``path`` (through ``path.partial``); append rows, then ``finalize``.
+
+    ``resume=True`` reopens an unfinalized ``path.partial`` and continues after its last whole
+    shard (``writer.n_written`` says where); with no partial store it starts afresh.
+    """
+    path = Path(path)
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    if (path / METADATA_FILE).exists() or (path.exists() and any(path.iterdir())):
+        raise StoreError(f"{path}: already exists; choose a new output directory or delete it.")
+    if partial.exists() and resume:
+        return StoreWriter.resume(path, partial, d_model=d_model, dtype=dtype, sites=sites)
+    if partial.exists():
+        raise StoreError(f"{partial}: an unfinalized store is there (a writer stopped early); "
+                         "pass resume=True to continue it, or delete it.")
+    layout = _new_layout(d_model, dtype, sites, source, rows_per_chunk, rows_per_shard)
+    return StoreWriter.create(path, partial, layout)
+
+
+def _new_layout(d_model, dtype, sites, source, rows_per_chunk, rows_per_shard) -> dict:
+    dtype = canonical_dtype(dtype)
+    sites = list(sites)
+    if not sites or len(set(sites)) != len(sites) or not all(_is_plain_name(s) for s in sites):
+        raise StoreError(f"sites {sites}: give one or more distinct plain names (no '/', not 'metadata').")
+    if int(d_model) <= 0 or int(rows_per_chunk) <= 0:
+        raise StoreError(f"d_model={d_model}, rows_per_chunk={rows_per_chunk}: both must be positive.")
+    rows_per_shard = rows_per_shard or _default_rows_per_shard(rows_per_chunk, d_model, dtype)
+    if rows_per_shard % rows_per_chunk:
+        raise StoreError(f"rows_per_shard={rows_per_shard} must be a multiple of rows_per_chunk={rows_per_chunk}.")
+    try:
+        json.dumps(source or {})
+    except TypeError as e:
+        raise StoreError(f"source: must be JSON-serialisable ({e}).") from None
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "d_model": int(d_model), "dtype": dtype,
+            "rows_per_chunk": int(rows_per_chunk), "rows_per_shard": int(rows_per_shard),
+            "source": dict(source or {}), "n_tokens": 0,
+            "sites": {s: {"checksums": []} for s in sites}, "files": {}}
+
+
+def _is_plain_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".") \
+        and name not in (METADATA_FILE, PROGRESS_FILE) and not name.endswith(".tmp")
+
+
+class StoreWriter:
+    """Appends rows to an unfinalized store; whole shards are written as they fill up.
+
+    Attributes:
+        n_written: rows appended so far (after a resume: the rows already durable on disk).
+        n_durable: rows written as whole shards and recorded in the progress file.
+    """
+
+    def __init__(self, path: Path, partial: Path, layout: dict, arrays: dict[str, ts.TensorStore]):
+        self.path, self.partial, self.layout, self._arrays = path, partial, layout, arrays
+        self.sites = tuple(layout["sites"])
+        self.d_model = layout["d_model"]
+        self._dtype = DTYPES[layout["dtype"]]
+        self._shard_rows = layout["rows_per_shard"]
+        self._buffers = {s: np.empty((self._shard_rows, self.d_model), self._dtype) for s in self.sites}
+        self._filled = 0
+        self.n_durable = layout["n_tokens"]
+        self._finalized = False
+
+    @property
+    def n_written(self) -> int:
+        """Rows appended so far (durable plus buffered)."""
+        return self.n_durable + self._filled
+
+    @classmethod
+    def create(cls, path: Path, partial: Path, layout: dict) -> StoreWriter:
+        """A fresh partial store: the directory, one empty array per site, a progress file."""
+        partial.mkdir(parents=True)
+        arrays = {s: ts.open(_array_spec(partial / s, layout), create=True).result() for s in layout["sites"]}
+        _write_json(partial / PROGRESS_FILE, layout)
+        return cls(path, partial, layout, arrays)
+
+    @classmethod
+    def resume(cls, path: Path, partial: Path, *, d_model: int, dtype: str, sites: Sequence[str]) -> StoreWriter:
+        """Reopen a partial store; rows after the last recorded whole shard are dropped."""
+        progress_path = partial / PROGRESS_FILE
+        if not progress_path.exists():
+            raise StoreError(f"{progress_path}: missing, so the partial store cannot be resumed; delete {partial}.")
+        layout = _read_json(progress_path)
+        asked = {"d_model": int(d_model), "dtype": canonical_dtype(dtype), "sites": list(sites)}
+        found = {"d_model": layout.get("d_model"), "dtype": layout.get("dtype"), "sites": list(layout.get("sites", {}))}
+        if asked != found:
+            raise StoreError(f"{progress_path}: the partial store has {found} but resume asked for {asked}; "
+                             "resume with the same settings or delete the partial store.")
+        n = layout["n_tokens"]
+        arrays = {}
+        for s in layout["sites"]:
+            array = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(partial / s)}},
+                            open=True).result()
+            arrays[s] = array.resize(exclusive_max=[n, layout["d_model"]]).result()
+        log.info("resuming %s after %d durable rows", partial, n)
+        return cls(path, partial, layout, arrays)
+
+    def append(self, rows) -> None:
+        """Add rows: an array [n, d_model] for a single-site store, or {site: array} with equal n."""
+        per_site = self._per_site(rows)
+        n = next(iter(per_site.values())).shape[0]
+        done = 0
+        while done < n:
+            take = min(n - done, self._shard_rows - self._filled)
+            for s, array in per_site.items():
+                self._buffers[s][self._filled:self._filled + take] = array[done:done + take]
+            self._filled += take
+            done += take
+            if self._filled == self._shard_rows:
+                self._flush()
+
+    def _per_site(self, rows) -> dict[str, np.ndarray]:
+        self._check_open()
+        if not isinstance(rows, dict):
+            if len(self.sites) != 1:
+                raise StoreError(f"{self.partial}: this store has sites {self.sites}; append {{site: rows}}.")
+            rows = {self.sites[0]: rows}
+        if set(rows) != set(self.sites):
+            raise StoreError(f"{self.partial}: append got sites {sorted(rows)} but the store has {list(self.sites)}.")
+        per_site = {s: _as_2d(a, self.d_model, f"{self.partial}/{s}") for s, a in rows.items()}
+        if len({a.shape[0] for a in per_site.values()}) != 1:
+            raise StoreError(f"{self.partial}: every site needs the same number of rows in one append.")
+        return per_site
+
+    def _flush(self) -> None:
+        """Write the buffered rows as one shard per site, then record them in the progress file."""
+        if not self._filled:
+            return
+        start, stop = self.n_durable, self.n_durable + self._filled
+        for s in self.sites:
+            rows = self._buffers[s][:self._filled]
+            array = self._arrays[s].resize(exclusive_max=[stop, self.d_model], expand_only=True).result()
+            array[start:stop].write(rows).result()
+            self._arrays[s] = array
+            self.layout["sites"][s]["checksums"].append(_digest(rows))
+        self.layout["n_tokens"] = stop
+        self.n_durable, self._filled = stop, 0
+        _write_json(self.partial / PROGRESS_FILE, self.layout)
+
+    def add_file(self, name: str, array: np.ndarray) -> None:
+        """Save an extra array as ``name`` (.npy) in the store directory, checksummed like the shards."""
+        self._check_open()
+        if not _is_plain_name(name) or not name.endswith(".npy") or name.removesuffix(".npy") in self.sites:
+            raise StoreError(f"add_file: '{name}' must be a plain file name ending in .npy, not a site name.")
+        tmp = self.partial / (name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(array))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.partial / name)
+        self.layout["files"][name] = _file_digest(self.partial / name)
+        _write_json(self.partial / PROGRESS_FILE, self.layout)
+
+    def finalize(self, *, norm_scalar: float | dict | None = None, extra_metadata: dict | None = None) -> Store:
+        """Write the last rows, the norm scalar and metadata.json, then rename the store into place.
+
+        ``norm_scalar``: E||x||^2 of the rows (one float for every site, or {site: float});
+        None estimates it from a sample of up to 65536 rows per site.
+        """
+        self._flush()
+        if self.n_durable == 0:
+            raise StoreError(f"{self.partial}: no rows were appended; nothing to finalize.")
+        for s in self.sites:
+            given = norm_scalar.get(s) if isinstance(norm_scalar, dict) else norm_scalar
+            stats = sample_stats(self._arrays[s], NORM_SAMPLE_ROWS)
+            self.layout["sites"][s] |= {"norm_scalar": float(given) if given is not None else stats["mean_sq_norm"],
+                                        "stats": stats}
+        meta = self.layout | {"created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                              "extra": dict(extra_metadata or {})}
+        _write_json(self.partial / METADATA_FILE, meta)
+        (self.partial / PROGRESS_FILE).unlink()
+        _fsync_dir(self.partial)
+        if self.path.exists():  # an empty directory made by the caller
+            self.path.rmdir()
+        os.rename(self.partial, self.path)
+        _fsync_dir(self.path.parent)
+        self._finalized = True
+        return open_store(self.path)
+
+    def _check_open(self) -> None:
+        if self._finalized:
+            raise StoreError(f"{self.path}: the store is already finalized; it cannot change any more.")
+
+
+def sample_stats(array: ts.TensorStore, max_rows: int, block_rows: int = DEFAULT_ROWS_PER_CHUNK) -> dict:
+    """Statistics of up to ``max_rows`` rows read as evenly spaced blocks; non-finite rows are counted apart."""
+    n = array.shape[0]
+    starts = _sample_starts(n, max_rows, block_rows)
+    f32 = ts.cast(array, ts.float32)
+    sq, abs_max, bad = [], 0.0, 0
+    for start in starts:
+        rows = f32[start:min(start + block_rows, n)].read().result()
+        finite = np.isfinite(rows).all(axis=1)
+        bad += int((~finite).sum())
+        rows = rows[finite]
+        sq.append(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
+        abs_max = max(abs_max, float(np.abs(rows).max(initial=0.0)))
+    sq = np.concatenate(sq)
+    norms = np.sqrt(sq)
+    return {"sample_rows": int(sq.size + bad), "mean_sq_norm": float(sq.mean()) if sq.size else float("nan"),
+            "mean_norm": float(norms.mean()) if sq.size else float("nan"),
+            "std_norm": float(norms.std()) if sq.size else float("nan"), "max_abs": abs_max, "nonfinite_rows": bad}
+
+
+def _sample_starts(n: int, max_rows: int, block_rows: int) -> np.ndarray:
+    if n <= max_rows:
+        return np.arange(0, n, block_rows)
+    k = max(1, max_rows // block_rows)
+    return np.linspace(0, n - block_rows, k).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- reader
+
+
+def open_store(path) -> Store:
+    """Open a finalized store; StoreError if it is missing, unfinalized or its metadata is damaged."""
+    path = Path(path)
+    meta_path = path / METADATA_FILE
+    if not meta_path.exists():
+        partial = path.with_name(path.name + PARTIAL_SUFFIX)
+        if (path / PROGRESS_FILE).exists() or partial.exists():
+            where = path if (path / PROGRESS_FILE).exists() else partial
+            raise StoreError(f"{where}: the store is unfinalized (its writer stopped before finalize); "
+                             "resume the writer with resume=True and call finalize, or re-create it.")
+        if not path.exists():
+            raise StoreError(f"{path}: no such store; make one with `sae-jax synth`, `sae-jax store import` "
+                             "or `sae-jax harvest`.")
+        raise StoreError(f"{meta_path}: missing, so {path} is not a finalized activation store.")
+    return Store(path, _check_metadata(meta_path, _read_json(meta_path)))
+
+
+def _check_metadata(meta_path: Path, meta: dict) -> dict:
+    need = ("format", "format_version", "d_model", "n_tokens", "dtype", "rows_per_chunk", "rows_per_shard", "sites")
+    missing = [k for k in need if k not in meta]
+    if missing:
+        raise StoreError(f"{meta_path}: missing field(s) {missing}; the store is damaged, re-create it.")
+    if meta["format"] != FORMAT or meta["format_version"] != FORMAT_VERSION:
+        raise StoreError(f"{meta_path}: format {meta['format']!r} version {meta['format_version']} is not "
+                         f"{FORMAT!r} version {FORMAT_VERSION}; re-create the store with this version.")
+    canonical_dtype(meta["dtype"], where=f"{meta_path}: field 'dtype'")
+    for s, site in meta["sites"].items():
+        n_shards = math.ceil(meta["n_tokens"] / meta["rows_per_shard"])
+        if len(site.get("checksums", [])) != n_shards or "norm_scalar" not in site:
+            raise StoreError(f"{meta_path}: site '{s}' lacks its norm scalar or one checksum per shard "
+                             f"({n_shards}); the store is damaged, re-create it.")
+    return meta
+
+
+class Store:
+    """A finalized store, opened for reading.
+
+    Attributes:
+        path: the store directory.
+        metadata: the parsed metadata.json.
+        d_model, n_tokens, dtype: shape and storage dtype ('float32' or 'bfloat16').
+        sites: site names in metadata order; ``sites[0]`` is the default site.
+        norm_scalar: E||x||^2 of the default site (``norm_scalars`` has every site's).
+        identity: a stable id of the store's content (hash of its metadata, checksums included).
+    """
+
+    def __init__(self, path: Path, metadata: dict):
+        self.path, self.metadata = path, metadata
+        self.d_model, self.n_tokens = int(metadata["d_model"]), int(metadata["n_tokens"])
+        self.dtype = metadata["dtype"]
+        self.sites = tuple(metadata["sites"])
+        self.norm_scalars = {s: float(v["norm_scalar"]) for s, v in metadata["sites"].items()}
+        self.norm_scalar = self.norm_scalars[self.sites[0]]
+        self.rows_per_shard = int(metadata["rows_per_shard"])
+        blob = json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode()
+        self.identity = hashlib.sha256(blob).hexdigest()[:16]
+        self._context = _read_context()
+        self._arrays: dict[str, ts.TensorStore] = {}
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r}, id={self.identity})"
+
+    def site_name(self, site: str | None) -> str:
+        """The site to read (None = the default one); StoreError naming the choices if unknown."""
+        if site is None:
+            return self.sites[0]
+        if site not in self.sites:
+            raise StoreError(f"{self.path / METADATA_FILE}: no site '{site}'; the store has {list(self.sites)}.")
+        return site
+
+    def array(self, site: str | None = None) -> ts.TensorStore:
+        """The raw tensorstore array of a site, in its storage dtype (opened once)."""
+        site = self.site_name(site)
+        if site not in self._arrays:
+            array = _open_array(self.path / site, self._context)
+            if tuple(array.shape) != (self.n_tokens, self.d_model) or array.dtype.name != self.dtype:
+                raise StoreError(f"{self.path / site}/zarr.json: array is {array.shape} {array.dtype.name} but "
+                                 f"metadata.json says ({self.n_tokens}, {self.d_model}) {self.dtype}; "
+                                 "the store is damaged, re-create it.")
+            self._arrays[site] = array
+        return self._arrays[site]
+
+    def read_async(self, start: int, stop: int, *, site: str | None = None) -> ts.Future:
+        """Start reading rows [start, stop) of a site as float32; ``read_result`` waits for it."""
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise StoreError(f"{self.path}: rows [{start}, {stop}) are outside [0, {self.n_tokens}).")
+        return ts.cast(self.array(site), ts.float32)[start:stop].read()
+
+    def read_result(self, future: ts.Future, what: str) -> np.ndarray:
+        """The array of a ``read_async`` future; a damaged or missing shard becomes a StoreError."""
+        try:
+            return future.result()
+        except ValueError as e:
+            raise StoreError(f"{self.path}: cannot read {what}: {e}. The store is damaged; "
+                             f"run `sae-jax store verify {self.path}` and re-create the damaged part.") from None
+
+    def read(self, start: int, stop: int, *, site: str | None = None) -> np.ndarray:
+        """Rows [start, stop) of a site as float32 [stop - start, d_model]."""
+        site = self.site_name(site)
+        return self.read_result(self.read_async(start, stop, site=site), f"rows {start}:{stop} of site '{site}'")
+
+    def check_d_model(self, expected: int, field: str = "model.d_model") -> None:
+        """StoreError naming the metadata file and the config field when d_model disagrees."""
+        if int(expected) != self.d_model:
+            raise StoreError(f"{self.path / METADATA_FILE}: the store's d_model is {self.d_model} but {field} is "
+                             f"{expected}; set {field}={self.d_model} or use a store of the right width.")
+
+    def load_file(self, name: str) -> np.ndarray:
+        """An extra array saved with ``StoreWriter.add_file``."""
+        if name not in self.metadata.get("files", {}):
+            raise StoreError(f"{self.path}: no extra file '{name}'; it has {sorted(self.metadata.get('files', {}))}.")
+        return np.load(self.path / name)
+
+    def verify(self) -> list[str]:
+        """Read every shard and extra file and compare checksums; the problems found (empty = all good)."""
+        problems = []
+        for site in self.sites:
+            for k, expected in enumerate(self.metadata["sites"][site]["checksums"]):
+                problems += self._verify_shard(site, k, expected)
+        for name, expected in self.metadata.get("files", {}).items():
+            file = self.path / name
+            if not file.is_file():
+                problems.append(f"{file}: extra file is missing")
+            elif _file_digest(file) != expected:
+                problems.append(f"{file}: checksum mismatch (the file changed after finalize)")
+        return problems
+
+    def _verify_shard(self, site: str, k: int, expected: str) -> list[str]:
+        file = self.path / shard_file(site, k)
+        if not file.is_file():
+            return [f"{file}: shard file is missing (rows {k * self.rows_per_shard}+ of site '{site}')"]
+        start, stop = k * self.rows_per_shard, min((k + 1) * self.rows_per_shard, self.n_tokens)
+        try:
+            rows = self.array(site)[start:stop].read().result()
+        except (ValueError, StoreError) as e:
+            return [f"{file}: unreadable ({e})"]
+        if _digest(rows) != expected:
+            return [f"{file}: checksum mismatch (content changed after it was written)"]
+        return []
+
+
+def verify(path) -> list[str]:
+    """Problems found in the store at ``path`` (empty = every checksum matches)."""
+    return open_store(path).verify()
+
+
+def info(store) -> str:
+    """Human-readable metadata and statistics of a store (a Store or a path)."""
+    store = store if isinstance(store, Store) else open_store(store)
+    m = store.metadata
+    size = sum(f.stat().st_size for f in store.path.rglob("*") if f.is_file())
+    lines = [f"store       {store.path}  (id {store.identity})",
+             f"format      {m['format']} v{m['format_version']}, created {m.get('created', '?')}",
+             f"shape       {store.n_tokens:,} tokens × {store.d_model} ({store.dtype}), {size / 1e6:,.1f} MB on disk",
+             f"layout      {m['rows_per_chunk']} rows per chunk, {store.rows_per_shard} rows per shard, "
+             f"{math.ceil(store.n_tokens / store.rows_per_shard)} shard(s) per site"]
+    lines += [f"source      {k}: {v}" for k, v in m.get("source", {}).items()]
+    for s in store.sites:
+        st = {"mean_norm": math.nan, "std_norm": math.nan, "max_abs": math.nan, "sample_rows": "?",
+              "nonfinite_rows": "?"} | m["sites"][s].get("stats", {})
+        lines.append(f"site        {s}: norm_scalar E||x||^2 = {store.norm_scalars[s]:.6g}; sample of "
+                     f"{st['sample_rows']} rows: mean ||x|| {st['mean_norm']:.4g}, std ||x|| {st['std_norm']:.4g}, "
+                     f"max |x| {st['max_abs']:.4g}, non-finite rows {st['nonfinite_rows']}")
+    lines += [f"file        {name}" for name in m.get("files", {})]
+    lines += [f"extra       {k}: {v}" for k, v in m.get("extra", {}).items()]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- import
+
+
+def import_files(out, files: Iterable, *, dtype: str | None = None, site: str = "activations",
+                 source: dict | None = None, rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK) -> Store:
+    """A new store at ``out`` from .npy or .safetensors files [n, d] (or [..., d]), concatenated in order.
+
+    A .safetensors file with one tensor fills ``site``; with several, each tensor name is a site
+    (every file must hold the same names). ``dtype`` None keeps bfloat16 input as bfloat16 and
+    stores anything else as float32.
+    """
+    files = [Path(f) for f in files]
+    if not files:
+        raise StoreError("store import: no input files given; pass --from FILE [FILE ...].")
+    first = _load_raw(files[0], site)
+    d_model = next(iter(first.values())).shape[-1]
+    if dtype is None:
+        dtype = "bfloat16" if all(a.dtype == DTYPES["bfloat16"] for a in first.values()) else "float32"
+    source = source or {"imported_from": [str(f) for f in files]}
+    writer = create_store(out, d_model=d_model, dtype=dtype, sites=tuple(first), source=source,
+                          rows_per_chunk=rows_per_chunk)
+    for file in files:
+        arrays = _load_raw(file, site)
+        if set(arrays) != set(writer.sites):
+            raise StoreError(f"{file}: holds tensors {sorted(arrays)} but the first file held {list(writer.sites)}.")
+        arrays = {s: _as_2d(a, d_model, str(file)) for s, a in arrays.items()}
+        n = next(iter(arrays.values())).shape[0]
+        for start in range(0, n, writer.layout["rows_per_shard"]):
+            writer.append({s: a[start:start + writer.layout["rows_per_shard"]] for s, a in arrays.items()})
+    return writer.finalize()
+
+
+def _load_raw(file: Path, site: str) -> dict[str, np.ndarray]:
+    """{site: array} memory-mapped from a .npy or .safetensors file, dtype checked."""
+    if not file.is_file():
+        raise StoreError(f"{file}: no such file.")
+    try:
+        if file.suffix == ".npy":
+            arrays = {site: np.load(file, mmap_mode="r")}
+        elif file.suffix == ".safetensors":
+            arrays = _load_safetensors(file)
+            arrays = {site: arrays.popitem()[1]} if len(arrays) == 1 else arrays
+        else:
+            raise StoreError(f"{file}: unsupported file type '{file.suffix}'; import .npy or .safetensors files.")
+    except (ValueError, OSError, EOFError) as e:
+        raise StoreError(f"{file}: cannot read it ({e}); the file is truncated or not a valid {file.suffix}.") \
+            from None
+    for name, array in arrays.items():
+        if array.dtype not in (np.float16, np.float32, np.float64, DTYPES["bfloat16"]):
+            raise StoreError(f"{file}: tensor '{name}' has unsupported dtype {array.dtype}; "
+                             "import float16, bfloat16, float32 or float64 activations.")
+    return arrays
+
+
+def _load_safetensors(file: Path) -> dict[str, np.ndarray]:
+    """Tensors of a .safetensors file, memory-mapped (bfloat16 included, which numpy lacks)."""
+    from safetensors import safe_open
+
+    dtypes = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "BF16": DTYPES["bfloat16"]}
+    with safe_open(file, framework="numpy") as f:
+        names = list(f.keys())
+    header_len = int(np.fromfile(file, dtype="<u8", count=1)[0])
+    header = json.loads(np.fromfile(file, dtype=np.uint8, count=header_len, offset=8).tobytes())
+    out = {}
+    for name in sorted(names):
+        t = header[name]
+        if t["dtype"] not in dtypes:
+            raise StoreError(f"{file}: tensor '{name}' has unsupported dtype {t['dtype']}; "
+                             "import F16, BF16, F32 or F64 activations.")
+        begin, end = t["data_offsets"]
+        out[name] = np.memmap(file, dtype=dtypes[t["dtype"]], mode="r", offset=8 + header_len + begin,
+                              shape=tuple(t["shape"]))
+        if out[name].nbytes != end - begin:
+            raise StoreError(f"{file}: tensor '{name}' has {end - begin} bytes for shape {t['shape']}.")
+    return out
+
+
+def remove_partial(path) -> None:
+    """Delete the unfinalized ``path.partial`` left by a stopped writer, if any."""
+    partial = Path(path).with_name(Path(path).name + PARTIAL_SUFFIX)
+    if partial.exists():
+        shutil.rmtree(partial)
