@@ -120,10 +120,10 @@ def report(store: store_lib.Store, args) -> None:
     rate = {k: statistics.median(r for r, _ in v) for k, v in results.items()}
     cpu = {k: statistics.median(c for _, c in v) for k, v in results.items()}
     print(f"raw sequential tensorstore read: {rate['raw']:,.0f} rows/s = {rate['raw'] * per_row:.2f} GB/s, "
-          f"{cpu['raw'] * 1e9 / gb * per_row:.2f} CPU s/GB")
+          f"{cpu['raw'] / per_row:.2f} CPU s/GB")
     print(f"pipeline (shuffled, batched {args.batch_size}, {store.dtype}->float32, prefetch {args.prefetch}): "
           f"{rate['pipeline']:,.0f} rows/s = {rate['pipeline'] * per_row:.2f} GB/s of stored bytes, "
-          f"{cpu['pipeline'] * 1e9 / gb * per_row:.2f} CPU s/GB")
+          f"{cpu['pipeline'] / per_row:.2f} CPU s/GB")
     print(f"ratio pipeline / raw (medians of {args.repeats}): {rate['pipeline'] / rate['raw']:.2f}  (goal >= 0.8); "
           f"best of each: {max(r for r, _ in results['pipeline']) / max(r for r, _ in results['raw']):.2f}")
 

@@ -8,12 +8,14 @@ How rows flow, for one split [lo, hi) of a store:
 2. Process p owns the p-th of ``process_count`` equal, contiguous stretches of that sequence
    (R = n // process_count rows; at most process_count - 1 rows of an epoch go unused), so no
    token is read by two processes and every process has the same number of rows per epoch.
-3. A stretch is cut into windows of ``shuffle_blocks`` blocks. A window is read with one
-   block read per block, concurrently, converted to float32 by tensorstore, and its rows are
+3. A stretch is cut into windows of ``shuffle_blocks`` blocks. A window is read as whole
+   blocks (one tensorstore read, chunks copied concurrently) in the storage dtype; its rows are
    permuted (seeded with seed, e, p and the window) in memory: the shuffle buffer.
 4. Windows are numbered across epochs; grain reads them ahead in background threads, in order.
-5. Local batches of batch_size // process_count rows are cut from consecutive windows (a batch
-   may span two windows or two epochs); global batch i is the concatenation over processes.
+5. Local batches of batch_size // process_count rows are gathered from consecutive windows in
+   their shuffled order, widened to float32 and checked for NaN/Inf in one more background
+   thread (a batch may span two windows or two epochs); global batch i is the concatenation of
+   the local batches over processes in process order.
 
 The iterator state is (window, offset into it, skipped-row count, batch count): restoring it
 re-reads one window and continues with exactly the batches that would have come next.
@@ -26,12 +28,12 @@ import logging
 import math
 import os
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grain
 import numpy as np
+import tensorstore as ts
 
 from sae_jax.data.store import Store, StoreError, shard_file
 
@@ -136,33 +138,9 @@ class Window:
     way out, and the store row ranges they came from."""
 
     index: int
-    rows: np.ndarray  # [n, d_model] in the store's dtype: a view into a pooled buffer
+    rows: np.ndarray  # [n, d_model] in the store's dtype
     order: np.ndarray  # the in-memory shuffle: output row j is rows[order[j]]
     pieces: list[tuple[int, int]]
-    buffer: np.ndarray
-
-
-class BufferPool:
-    """Recycles window buffers: fresh multi-megabyte arrays cost page faults on every window."""
-
-    def __init__(self, keep: int):
-        self._free: list[np.ndarray] = []
-        self._keep = keep
-        self._lock = threading.Lock()
-
-    def get(self, shape: tuple[int, int], dtype) -> np.ndarray:
-        """A buffer of at least ``shape[0]`` rows (contents undefined)."""
-        with self._lock:
-            for i, buf in enumerate(self._free):
-                if buf.shape[0] >= shape[0] and buf.shape[1:] == shape[1:] and buf.dtype == dtype:
-                    return self._free.pop(i)
-        return np.empty(shape, dtype)
-
-    def put(self, buf: np.ndarray) -> None:
-        """Give a buffer back once nothing reads it any more."""
-        with self._lock:
-            if len(self._free) < self._keep:
-                self._free.append(buf)
 
 
 class WindowSource:
@@ -172,9 +150,8 @@ class WindowSource:
     belongs to other data.
     """
 
-    def __init__(self, store: Store, plan: WindowPlan, site: str, nonfinite: str, pool_size: int = 4):
+    def __init__(self, store: Store, plan: WindowPlan, site: str, nonfinite: str):
         self.store, self.plan, self.site, self.nonfinite = store, plan, site, nonfinite
-        self.pool = BufferPool(pool_size)
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -188,13 +165,10 @@ class WindowSource:
     def __getitem__(self, index: int) -> Window:
         pieces = self.plan.pieces(index)
         array = self.store.array(self.site)
-        futures = [array[a:b].read() for a, b in pieces]  # concurrent block reads
-        blocks = [self.store.read_result(f, f"rows {a}:{b} of site '{self.site}'")
-                  for f, (a, b) in zip(futures, pieces, strict=True)]
-        n = sum(len(b) for b in blocks)
-        buffer = self.pool.get((self.plan.block_rows * self.plan.shuffle_blocks, self.store.d_model), blocks[0].dtype)
-        rows = np.concatenate(blocks, out=buffer[:n])
-        return Window(index, rows, self.plan.row_order(index, n), pieces, buffer)
+        # One read of the blocks laid end to end: tensorstore copies each chunk straight into place.
+        future = ts.concat([array[a:b] for a, b in pieces], axis=0).read()
+        rows = self.store.read_result(future, f"window {index} (rows {pieces}) of site '{self.site}'")
+        return Window(index, rows, self.plan.row_order(index, len(rows)), pieces)
 
     def row_ids(self, window: Window, positions: np.ndarray) -> np.ndarray:
         """Store rows of a window's output positions (for error messages)."""
@@ -283,9 +257,7 @@ class BatchRowsIterator(grain.DatasetIterator):
         return filled + take_good
 
     def _pull(self) -> None:
-        if self._window is not None:
-            self._source.pool.put(self._window.buffer)
-            self._window = None
+        self._window = None
         window = next(self._parent)  # StopIteration ends the stream; a partial last batch is dropped
         if window.index != self._next_window or len(window.rows) < self._resume_offset:
             raise ValueError(f"window {window.index} ({len(window.rows)} rows) does not fit the iterator state "
@@ -306,8 +278,6 @@ class BatchRowsIterator(grain.DatasetIterator):
     def set_state(self, state: dict) -> None:
         """Continue from a ``get_state`` result; the window it names is read again on the next batch."""
         grain.experimental.set_next_index(self._parent, int(state["window"]))
-        if self._window is not None:
-            self._source.pool.put(self._window.buffer)
         self._window, self._offset = None, 0
         self._next_window, self._resume_offset = int(state["window"]), int(state["offset"])
         self.skipped, self.batches = int(state["skipped"]), int(state["batches"])
@@ -336,6 +306,11 @@ class ActivationLoader:
     ``next(loader)`` is float32 [batch_size // process_count, d_model]; global batch i is the
     concatenation over processes in process order, and over an epoch the processes' rows
     together are a permutation of the split (less at most process_count - 1 rows).
+
+    With ``num_epochs`` set the stream ends after that many epochs (a partial last batch is
+    dropped); None repeats forever. With nonfinite='skip' each process drops its own bad rows,
+    so its epochs end at slightly different batches than other processes'; a run that stops
+    after a number of steps (not at the end of the data) is unaffected.
 
     Attributes:
         epoch: the epoch the next row comes from (0-based; = epochs completed at a boundary).

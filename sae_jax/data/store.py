@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -40,6 +39,7 @@ METADATA_FILE = "metadata.json"
 PROGRESS_FILE = "progress.json"
 PARTIAL_SUFFIX = ".partial"
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+INPUT_DTYPES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32), np.dtype(np.float64))
 DTYPE_ALIASES = {"bf16": "bfloat16", "f32": "float32", "fp32": "float32"}
 DEFAULT_ROWS_PER_CHUNK = 1024
 SHARD_TARGET_BYTES = 64 << 20  # whole shards are buffered by the writer: keep them modest
@@ -159,8 +159,9 @@ def _as_2d(array: np.ndarray, d_model: int, where: str) -> np.ndarray:
     if array.ndim < 2 or array.shape[-1] != d_model:
         raise StoreError(f"{where}: rows have shape {array.shape} but the store's d_model is {d_model}; "
                          "pass arrays [n, d_model].")
-    if array.dtype.kind != "f":
-        raise StoreError(f"{where}: unsupported dtype {array.dtype}; pass floating-point activations.")
+    if array.dtype not in INPUT_DTYPES:
+        raise StoreError(f"{where}: unsupported dtype {array.dtype}; pass float16, bfloat16, float32 or float64 "
+                         "activations.")
     return array.reshape(-1, d_model)
 
 
@@ -339,12 +340,12 @@ class StoreWriter:
         meta = self.layout | {"created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                               "extra": dict(extra_metadata or {})}
         _write_json(self.partial / METADATA_FILE, meta)
-        (self.partial / PROGRESS_FILE).unlink()
         _fsync_dir(self.partial)
         if self.path.exists():  # an empty directory made by the caller
             self.path.rmdir()
-        os.rename(self.partial, self.path)
+        os.rename(self.partial, self.path)  # the commit: before it there is no store, after it a whole one
         _fsync_dir(self.path.parent)
+        (self.path / PROGRESS_FILE).unlink()  # kept until now so that a crash before the rename can resume
         self._finalized = True
         return open_store(self.path)
 
@@ -565,21 +566,25 @@ def import_files(out, files: Iterable, *, dtype: str | None = None, site: str = 
     files = [Path(f) for f in files]
     if not files:
         raise StoreError("store import: no input files given; pass --from FILE [FILE ...].")
-    first = _load_raw(files[0], site)
+    loaded = [_load_raw(f, site) for f in files]  # memory-mapped: every file is checked before writing
+    first = loaded[0]
     d_model = next(iter(first.values())).shape[-1]
+    for file, arrays in zip(files, loaded, strict=True):
+        if set(arrays) != set(first):
+            raise StoreError(f"{file}: holds tensors {sorted(arrays)} but {files[0]} holds {sorted(first)}.")
+        for array in arrays.values():
+            _as_2d(array, d_model, str(file))
     if dtype is None:
         dtype = "bfloat16" if all(a.dtype == DTYPES["bfloat16"] for a in first.values()) else "float32"
     source = source or {"imported_from": [str(f) for f in files]}
     writer = create_store(out, d_model=d_model, dtype=dtype, sites=tuple(first), source=source,
                           rows_per_chunk=rows_per_chunk)
-    for file in files:
-        arrays = _load_raw(file, site)
-        if set(arrays) != set(writer.sites):
-            raise StoreError(f"{file}: holds tensors {sorted(arrays)} but the first file held {list(writer.sites)}.")
-        arrays = {s: _as_2d(a, d_model, str(file)) for s, a in arrays.items()}
+    step = writer.layout["rows_per_shard"]
+    for arrays in loaded:
+        arrays = {s: a.reshape(-1, d_model) for s, a in arrays.items()}
         n = next(iter(arrays.values())).shape[0]
-        for start in range(0, n, writer.layout["rows_per_shard"]):
-            writer.append({s: a[start:start + writer.layout["rows_per_shard"]] for s, a in arrays.items()})
+        for start in range(0, n, step):
+            writer.append({s: a[start:start + step] for s, a in arrays.items()})
     return writer.finalize()
 
 
@@ -599,7 +604,7 @@ def _load_raw(file: Path, site: str) -> dict[str, np.ndarray]:
         raise StoreError(f"{file}: cannot read it ({e}); the file is truncated or not a valid {file.suffix}.") \
             from None
     for name, array in arrays.items():
-        if array.dtype not in (np.float16, np.float32, np.float64, DTYPES["bfloat16"]):
+        if array.dtype not in INPUT_DTYPES:
             raise StoreError(f"{file}: tensor '{name}' has unsupported dtype {array.dtype}; "
                              "import float16, bfloat16, float32 or float64 activations.")
     return arrays
@@ -610,8 +615,11 @@ def _load_safetensors(file: Path) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
     dtypes = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "BF16": DTYPES["bfloat16"]}
-    with safe_open(file, framework="numpy") as f:
-        names = list(f.keys())
+    try:  # the package validates the header and the file size
+        with safe_open(file, framework="numpy") as f:
+            names = list(f.keys())
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise StoreError(f"{file}: not a valid .safetensors file ({e}).") from None
     header_len = int(np.fromfile(file, dtype="<u8", count=1)[0])
     header = json.loads(np.fromfile(file, dtype=np.uint8, count=header_len, offset=8).tobytes())
     out = {}
@@ -627,9 +635,3 @@ def _load_safetensors(file: Path) -> dict[str, np.ndarray]:
             raise StoreError(f"{file}: tensor '{name}' has {end - begin} bytes for shape {t['shape']}.")
     return out
 
-
-def remove_partial(path) -> None:
-    """Delete the unfinalized ``path.partial`` left by a stopped writer, if any."""
-    partial = Path(path).with_name(Path(path).name + PARTIAL_SUFFIX)
-    if partial.exists():
-        shutil.rmtree(partial)

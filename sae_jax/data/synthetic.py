@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-
+from sae_jax.data import store as store_lib
 
 CHUNK = 65536  # rows generated per draw; fixed so the data depends only on the seed
 
@@ -82,15 +82,13 @@ def _model(rng: np.random.Generator, spec: SynthSpec):
     return g, mean, feature_probs(spec.n_features, spec.l0, spec.alpha)
 
 
-def write_synthetic(out: str | Path, spec: SynthSpec) -> "store_lib.Store":
+def write_synthetic(out: str | Path, spec: SynthSpec) -> store_lib.Store:
     """Write a finalized activation store with ``ground_truth.npy`` beside the arrays."""
     if spec.n_features <= spec.d_model:
         raise ValueError(f"--n-features ({spec.n_features}) must exceed --d-model ({spec.d_model}) "
                          "for features in superposition.")
     source = {"model": "synthetic", "hook": "synthetic", "dataset": "sae_jax.data.synthetic",
               "context_size": 0, "synthetic": dataclasses.asdict(spec)}
-    from sae_jax.data import store as store_lib
-
     writer = store_lib.create_store(out, d_model=spec.d_model, dtype=spec.dtype, source=source)
     for rows in generate(spec):
         writer.append(rows)
