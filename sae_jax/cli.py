@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
+EXIT_CHECKPOINT_FAILED = 3
+"""A checkpoint could not be written (e.g. a full disk); the message names the last good one."""
+EXIT_PREEMPTED = 143
+"""Stopped by SIGTERM/SIGINT after saving a checkpoint (128 + SIGTERM); run again to resume."""
 
 DESCRIPTION = """sae_jax: train sparse autoencoders on neural-network activations with JAX.
 
@@ -22,9 +26,37 @@ def _cmd_train(args) -> int:
     from sae_jax import config as config_lib
     from sae_jax.train.loop import train
 
-    cfg = config_lib.load_config(args.config, args.overrides)
-    summary = train(cfg)
+    fresh = args.fresh or "--fresh" in args.overrides  # also accepted after the config file
+    cfg = config_lib.load_config(args.config, [o for o in args.overrides if o != "--fresh"])
+    summary = train(cfg, fresh=fresh)
     _print_result(summary, f"held-out evaluation ({cfg.train.workdir})")
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from sae_jax import config as config_lib
+    from sae_jax import report
+    from sae_jax.sweep import sweep
+
+    # Unresolved: each member takes its own architecture's recipe defaults.
+    cfg = config_lib.load_config(args.config, args.overrides, resolve_recipe=False)
+    summaries = sweep(cfg)
+    out = Path(cfg.train.workdir)
+    print(report.table(report.collect([out])))
+    print(f"trained {len(summaries)} members; wrote {out / report.CSV_FILE}, {out / report.JSON_FILE} and "
+          f"{out / report.PLOT_FILE}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from sae_jax import report
+
+    if args.out is None and len(args.dirs) > 1:
+        raise ValueError("`sae-jax report` got several directories; pass --out DIR for the report.")
+    out = Path(args.out or args.dirs[0])
+    rows = report.write_report(args.dirs, out)
+    print(report.table(rows))
+    print(f"wrote {out / report.CSV_FILE}, {out / report.JSON_FILE} and {out / report.PLOT_FILE}")
     return 0
 
 
@@ -92,6 +124,26 @@ def _cmd_store(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from sae_jax import export
+
+    metadata = {"model_name": args.model_name, "hook_name": args.hook_name}
+    for e in export.export_workdir(args.workdir, args.out, metadata):
+        notes = f"; {'; '.join(e.notes)}" if e.notes else ""
+        print(f"wrote {e.path} ({e.architecture} as SAELens {e.saelens_architecture}{notes})")
+    return 0
+
+
+def _cmd_import(args) -> int:
+    from sae_jax import export
+
+    folder, model = export.import_sae(args.src, args.out, member=args.member)
+    print(f"imported a {model.sae.name} SAE (d_model={model.sae.d_model}, d_sae={model.sae.d_sae}) into {folder}\n"
+          f"evaluate: sae-jax eval {args.out} --data STORE\n"
+          f"continue training: sae-jax train {Path(args.out) / 'config.yaml'} data.store=STORE")
+    return 0
+
+
 def _print_result(result: dict, title: str) -> None:
     from sae_jax.evaluate import table
 
@@ -107,9 +159,30 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train an SAE from a YAML config plus dotted overrides",
                        description="Train an SAE. Overrides look like model.d_sae=4096 optim.lr=3e-4 "
                                    "(or --model.d_sae 4096). Every key is documented in sae_jax/config.py.")
+    t.add_argument("--fresh", action="store_true", help="start over: delete the work directory's checkpoints "
+                   "(by default a run resumes from its newest good checkpoint)")
     t.add_argument("config", help="YAML config file, e.g. configs/demo.yaml")
     t.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted key=value overrides")
     t.set_defaults(fn=_cmd_train)
+
+    w = sub.add_parser("sweep", help="train many SAEs in one job on one data stream (a sparsity/k/lr grid)",
+                       description="Train every point of sweep.grid in one job: e.g. "
+                                   "sweep.sparsity.coefficient=[1e-4,3e-4,1e-3] sweep.model.architecture=[relu,gated]. "
+                                   "Members of one architecture and shape are stacked and trained by one vmapped "
+                                   "step; each gets WORKDIR/members/NAME/ like a single run, and WORKDIR gets "
+                                   "sweep_summary.csv/.json and pareto.png. sweep.group=I trains group I only.")
+    w.add_argument("config", help="YAML config file (its sweep.grid, plus the overrides)")
+    w.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted key=value overrides; sweep.KEY=[a,b] adds a "
+                                                               "grid axis")
+    w.set_defaults(fn=_cmd_sweep)
+
+    r = sub.add_parser("report", help="sweep_summary.csv/.json and the L0/FVU Pareto plot of finished runs",
+                       description="Join finished work directories (single runs, sweeps, the groups of a grid of "
+                                   "jobs) into sweep_summary.csv/.json and pareto.png (L0 log scale against FVU, "
+                                   "one series per architecture, the frontier marked).")
+    r.add_argument("dirs", nargs="+", help="work directories of `sae-jax train` or `sae-jax sweep`")
+    r.add_argument("--out", help="directory for the report (default: the only DIR)")
+    r.set_defaults(fn=_cmd_report)
 
     d = sub.add_parser("demo", help="the main job: synthetic data with ground truth, train, evaluate",
                        description="Write a synthetic store with known features (once), train a ReLU SAE on it "
@@ -127,6 +200,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=4096, help="tokens per evaluation batch")
     e.add_argument("--json", help="also write the metrics to this JSON file")
     e.set_defaults(fn=_cmd_eval)
+
+    x = sub.add_parser("export", help="write trained SAEs as SAELens folders (cfg.json + sae_weights.safetensors)",
+                       description="Export every trained SAE under WORKDIR (a run, or each member of a sweep) in "
+                                   "the layout SAELens's SAE.load_from_disk reads, normalization and decoder "
+                                   "norms folded in so it works on raw activations. See sae_jax/export.py.")
+    x.add_argument("workdir", help="work directory of `sae-jax train` or `sae-jax sweep` (or an sae/ folder)")
+    x.add_argument("--format", default="saelens", choices=["saelens"], help="output format")
+    x.add_argument("--out", required=True, help="output folder (one subfolder per SAE when there are several)")
+    x.add_argument("--model-name", default="", help="cfg.json metadata.model_name (e.g. for Neuronpedia)")
+    x.add_argument("--hook-name", default="", help="cfg.json metadata.hook_name, e.g. blocks.12.hook_resid_post")
+    x.set_defaults(fn=_cmd_export)
+
+    im = sub.add_parser("import", help="import a SAELens folder or a Gemma Scope params.npz as a work directory",
+                        description="Convert a SAELens folder or a Gemma Scope params.npz into OUT/sae/ (for eval "
+                                    "and the Python API) and OUT/config.yaml with model.init_from set, so "
+                                    "`sae-jax train OUT/config.yaml data.store=STORE` continues training it.")
+    im.add_argument("src", help="SAELens folder (cfg.json + sae_weights.safetensors) or Gemma Scope params.npz")
+    im.add_argument("--out", required=True, help="new work directory")
+    im.add_argument("--member", default=None, help="which SAE, when SRC holds several")
+    im.set_defaults(fn=_cmd_import)
 
     s = sub.add_parser("synth", help="write a synthetic store with known ground-truth features")
     s.add_argument("out", help="output store directory")
@@ -161,10 +254,27 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - user-facing errors become one line
+        status = _checkpoint_status(e)
+        if status is not None:
+            return status
         if _is_user_error(e):
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USER_ERROR
         raise
+
+
+def _checkpoint_status(e: Exception) -> int | None:
+    """Exit status of a preempted run or a failed checkpoint save (one line printed), else None."""
+    ckpt = sys.modules.get("sae_jax.checkpoint")  # not imported: the exception cannot be one of its own
+    if ckpt is None:
+        return None
+    if isinstance(e, ckpt.Preempted):
+        print(str(e), file=sys.stderr)
+        return EXIT_PREEMPTED
+    if isinstance(e, ckpt.CheckpointError):
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CHECKPOINT_FAILED
+    return None
 
 
 def _is_user_error(e: Exception) -> bool:

@@ -75,6 +75,11 @@ class ModelConfig:
     """How b_dec starts: zeros, mean or geometric_median of a data sample (topk recipes)."""
     apply_b_dec_to_input: bool | None = None
     """Subtract b_dec from x before the encoder (all recipes but jumprelu, whose paper does not)."""
+    init_from: str = ""
+    """Start from a saved SAE instead of a fresh init: a work directory, an sae/ folder, a SAELens
+    folder or a Gemma Scope params.npz (`sae-jax import` writes this key). It must have the same
+    architecture, d_model, d_sae and apply_b_dec_to_input; the optimizer state starts fresh.
+    Empty = fresh init. A run resuming from its own checkpoint ignores it."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,9 @@ class CheckpointConfig:
     """Save a checkpoint every this many steps (0 = only at the end)."""
     keep: int = 3
     """How many recent checkpoints to keep."""
+    dir: str = ""
+    """Checkpoint directory; empty = WORKDIR/checkpoints. A run started where checkpoints exist
+    resumes from the newest good one (`sae-jax train --fresh` starts over)."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +159,20 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    grid: dict[str, list] = field(default_factory=dict)
+    """Dotted config key -> list of values; `sae-jax sweep` trains every point of their product in
+    one job on one data stream. On the command line: sweep.sparsity.coefficient=[1e-4,3e-4]
+    sweep.model.k=[16,32]. Only model.*, sparsity.*, optim.* and train.dead_tokens can vary."""
+    group: int = -1
+    """Train only this group of the sweep (members of one architecture and shape), for one job per
+    group (launch/sweep_grid.sh); -1 = every group in this job."""
+    shard: bool = False
+    """Put sweep members on different devices (the 'sweep' logical axis on the data mesh axis; each
+    device then sees the whole batch); false = every device holds every member."""
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -160,6 +182,7 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
     """Root random seed (parameters, data order)."""
 
@@ -285,6 +308,7 @@ def validate(cfg: Config) -> None:
         _check(v == -1 or v > 0, key, "a positive axis size or -1 (the rest)", v)
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "0 or a positive integer", cfg.checkpoint.every)
     _check(cfg.checkpoint.keep > 0, "checkpoint.keep", "a positive integer", cfg.checkpoint.keep)
+    _check(cfg.sweep.group >= -1, "sweep.group", "a group index or -1 (every group)", cfg.sweep.group)
 
 
 # --------------------------------------------------------------------------- loading
@@ -368,6 +392,8 @@ def from_dict(tree: dict[str, Any], cls=Config, prefix: str = "", where: str = "
         typ = _field_type(cls, name)
         if is_dataclass(typ):
             kwargs[name] = from_dict(value or {}, typ, key + ".", where)
+        elif key == "sweep.grid":
+            kwargs[name] = coerce_grid(value or {}, where)
         else:
             kwargs[name] = _coerce(key, typ, value)
     return cls(**kwargs)
@@ -450,11 +476,70 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     where = f" in '{path}'" if path else ""
     for text in normalize_overrides(list(overrides)):
         key, value = parse_override(text)
+        if _grid_key(key):
+            sweep = tree["sweep"] = dict(tree.get("sweep") or {})
+            sweep["grid"] = {**(sweep.get("grid") or {}), _grid_key(key): value}
+            continue
         if key not in all_keys() and not _is_section(key):
             raise _unknown(key)
         set_path(tree, key, value)
     cfg = from_dict(tree, where=where)
     return resolve(cfg) if resolve_recipe else cfg
+
+
+def _grid_key(key: str) -> str | None:
+    """'sweep.model.k' (or 'sweep.grid.model.k') -> 'model.k'; None for sweep's own fields and other keys."""
+    parts = key.split(".")
+    if parts[0] != "sweep" or len(parts) < 2 or key in all_keys():
+        return None
+    rest = parts[2:] if parts[1] == "grid" else parts[1:]
+    return ".".join(rest) or None
+
+
+SWEEPABLE = ("model.", "sparsity.", "optim.", "train.dead_tokens")
+"""Keys a sweep may vary: everything else (data, steps, batch, mesh) is shared by the members."""
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def coerce_grid(grid: Any, where: str = "") -> dict[str, list]:
+    """sweep.grid as {dotted key: [values of the key's type]}; nested mappings become dotted keys."""
+    if not isinstance(grid, dict):
+        raise ConfigError(f"config key 'sweep.grid'{where} must map config keys to lists, e.g. "
+                          f"{{sparsity.coefficient: [1e-4, 3e-4]}}, got {grid!r}.")
+    out = {}
+    for key, values in _flatten(grid).items():
+        if key not in all_keys():
+            raise _unknown(key, f" in sweep.grid{where}")
+        if key == "model.d_model" or not key.startswith(SWEEPABLE):
+            raise ConfigError(f"config key '{key}' cannot be swept{where}: every member of a sweep shares it (one "
+                              "data stream, mesh and schedule length); run separate jobs and join them with "
+                              "`sae-jax report`.")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"config key 'sweep.{key}'{where} must be a non-empty list of values, e.g. "
+                              f"sweep.{key}=[a,b], got {values!r}.")
+        cls, name = _owner(key)
+        coerced = [_coerce(key, _field_type(cls, name), v) for v in values]
+        if len(set(map(repr, coerced))) != len(coerced):
+            raise ConfigError(f"config key 'sweep.{key}'{where} lists a value twice: {values!r}.")
+        out[key] = coerced
+    return out
+
+
+def _owner(key: str):
+    """(dataclass, field name) that holds a dotted key."""
+    cls, parts = Config, key.split(".")
+    for p in parts[:-1]:
+        cls = _field_type(cls, p)
+    return cls, parts[-1]
 
 
 def _is_section(key: str) -> bool:

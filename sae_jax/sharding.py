@@ -6,6 +6,8 @@ This is the only module that names mesh axes. Model code speaks of logical axes
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from typing import Any
 
@@ -20,6 +22,12 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ("embed", None),
     ("sweep", None),
 )
+
+
+def sweep_rules(shard: bool, rules=RULES) -> tuple[tuple[str, str | None], ...]:
+    """The rules table with the ``sweep`` axis on the data axis (members on different devices, each
+    seeing the whole batch) when ``shard``, else as in ``rules``."""
+    return tuple((name, DATA if shard and name == "sweep" else axis) for name, axis in rules)
 
 
 def axis_sizes(data: int, model: int, n_devices: int) -> tuple[int, int]:
@@ -82,6 +90,37 @@ def batch_sharding(mesh: Mesh, lead: tuple = ()) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
     """Fully replicated sharding."""
     return NamedSharding(mesh, PartitionSpec())
+
+
+def axis_size(mesh: Mesh, logical: str) -> int:
+    """How many devices a logical axis is split over (1 if the rules replicate it)."""
+    axis = dict(RULES).get(logical)
+    return int(mesh.shape[axis]) if axis is not None else 1
+
+
+def check_divisible(mesh: Mesh, batch_size: int, d_sae: int) -> None:
+    """Reject a batch or dictionary that the mesh cannot split evenly, naming the config key."""
+    for key, size, logical in (("train.batch_size", batch_size, "batch"), ("model.d_sae", d_sae, "latent")):
+        n = axis_size(mesh, logical)
+        if size % n:
+            raise ValueError(f"config key '{key}'={size} must be a multiple of the {n} devices of the mesh's "
+                             f"'{dict(RULES)[logical]}' axis; change it or mesh.data/mesh.model.")
+
+
+def for_mesh(sae: Any, mesh: Mesh) -> Any:
+    """The architecture with its two-stage top-k split like the latent axis (TopK, BatchTopK).
+
+    ``latent_groups`` never changes the result, only where the first selection stage runs.
+    """
+    if not hasattr(sae, "latent_groups"):
+        return sae
+    return dataclasses.replace(sae, latent_groups=axis_size(mesh, "latent"))
+
+
+def shard_bytes(tree: Any, shardings: Any) -> int:
+    """Bytes one device holds of a pytree of (abstract) arrays laid out by ``shardings``."""
+    sizes = jax.tree.map(lambda a, s: math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize, tree, shardings)
+    return int(sum(jax.tree.leaves(sizes)))
 
 
 # --------------------------------------------------------------------------- processes

@@ -69,7 +69,9 @@ def nnx_source(
         return run(state, jnp.asarray(tokens, jnp.int32), tuple(wanted))
 
     def logits(tokens: Any, splice: Mapping[str, SpliceFn]) -> jax.Array:
-        return logits_fn(module, jnp.asarray(tokens, jnp.int32), splice)
+        # Under capture, values the module sows are collected and dropped, not kept on it.
+        out, _ = nnx.capture(logits_fn, nnx.Intermediate)(module, jnp.asarray(tokens, jnp.int32), splice)
+        return out
 
     return Source(
         name=name,

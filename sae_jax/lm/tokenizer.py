@@ -11,11 +11,12 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-
-import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
+from typing import TYPE_CHECKING
 
 from sae_jax.lm.source import sha256_file
+
+if TYPE_CHECKING:  # the lm extra; imported where used so sae_jax.lm imports without it
+    import tokenizers
 
 # llama.cpp pre-tokenizer names whose regex is GPT-2's after splitting digits one by one.
 _DIGIT_SPLIT_PRE = frozenset({"smollm", "starcoder", "refact", "deepseek-coder"})
@@ -59,6 +60,9 @@ def byte_level_bpe(
     pre: str = "gpt2",
 ) -> BPETokenizer:
     """Rebuild a GPT-2-style byte-level BPE from GGUF ``tokenizer.ggml.*`` fields."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
+
     vocab = {tok: i for i, tok in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
@@ -78,6 +82,8 @@ def byte_level_bpe(
 
 def from_tokenizer_json(path: str | Path) -> BPETokenizer:
     """Load a Hugging Face ``tokenizer.json``; its added special tokens count as special."""
+    import tokenizers
+
     backend = tokenizers.Tokenizer.from_file(str(path))
     added = backend.get_added_tokens_decoder()
     special = frozenset(i for i, tok in added.items() if tok.special)

@@ -169,7 +169,49 @@ prolu_ste.defvjp(_prolu_fwd, _prolu_ste_bwd)
 
 
 # --------------------------------------------------------------------------- TopK
-def topk_select(pre: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+def exact_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``lax.top_k(x, k)`` over the last axis (same values, indices and tie order), partitionable.
+
+    ``lax.top_k`` lowers to a custom call that the SPMD partitioner leaves whole, so on a mesh
+    it gathers its full operand onto every device, the batch dims included. ``approx_max_k``
+    with ``recall_target=1.0`` is exact on every backend (off TPU it lowers to the exact
+    sort-based fallback; on TPU recall 1.0 disables the windowed reduction, XLA
+    ``approx_topk_shape.cc``) and is partitioned along all other dims. For k = the axis size
+    it is a full, stable descending sort (``approx_max_k`` needs k below the size).
+    """
+    if k < x.shape[-1]:
+        return lax.approx_max_k(x, k, recall_target=1.0)
+    axis = x.ndim - 1
+    iota = lax.broadcasted_iota(jnp.int32, x.shape, axis)
+    # 0 - x, not -x: +0.0 and -0.0 must tie, as they do in top_k (sort orders them).
+    _, indices = lax.sort((0.0 - x, iota), dimension=axis, num_keys=1, is_stable=True)
+    return jnp.take_along_axis(x, indices, axis=axis), indices
+
+
+def grouped_top_k(x: jax.Array, k: int, groups: int = 1) -> tuple[jax.Array, jax.Array]:
+    """``lax.top_k(x, k)`` in two stages: top k of each of ``groups`` equal slices of the last
+    axis, then the top k of those ``groups · k`` candidates.
+
+    Equal to one top-k in values, indices and tie order (ties go to the lower index: the
+    candidates are group-major and each group's are sorted with ties to the lower index).
+    With the last axis split over ``groups`` devices the first stage is local and only the
+    ``[..., groups · k]`` candidates cross devices. ``groups`` is static and must divide
+    the axis; 1 is a plain top-k.
+    """
+    *lead, m = x.shape
+    if groups == 1:
+        return exact_top_k(x, k)
+    if m % groups:
+        raise ValueError(f"latent groups={groups} must divide the latent dimension {m}.")
+    size = m // groups
+    kk = min(k, size)
+    values, local = exact_top_k(x.reshape(*lead, groups, size), kk)
+    indices = (local + jnp.arange(groups, dtype=local.dtype)[:, None] * size).reshape(*lead, groups * kk)
+    top, pick = exact_top_k(values.reshape(*lead, groups * kk), k)
+    return top, jnp.take_along_axis(indices, pick, axis=-1)
+
+
+def topk_select(pre: jax.Array, k: int, groups: int = 1) -> tuple[jax.Array, jax.Array]:
     """The k kept latents of each row: ``(values, indices)``, both ``[..., k]``.
 
     values = ReLU(TopK_k(pre)) (Gao et al. 2024, arXiv 2406.04093; openai/sparse_autoencoder
@@ -177,12 +219,31 @@ def topk_select(pre: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     of ReLU(pre); taking top_k before the ReLU breaks ties among non-positive entries by
     pre-activation instead of by index (they carry value 0 either way). Ties among equal
     pre-activations go to the lower latent index (``lax.top_k``). Sorted descending.
+    ``groups`` > 1 selects in two stages (``grouped_top_k``), with the same result.
     """
-    top, indices = lax.top_k(pre, k)
+    top, indices = grouped_top_k(pre, k, groups)
     return jax.nn.relu(top), indices
 
 
-def batch_topk_select(pre: jax.Array, k: float) -> tuple[jax.Array, jax.Array]:
+def _flat_top(acts: jax.Array, n_keep: int, groups: int) -> jax.Array:
+    """Flat indices (row-major over ``acts`` [N, m]) of its ``n_keep`` largest entries, ties to
+    the lower flat index; with ``groups`` > 1, first the top ``n_keep`` of each latent slice."""
+    n, m = acts.shape
+    if groups == 1:
+        return exact_top_k(acts.reshape(-1), n_keep)[1]
+    if m % groups:
+        raise ValueError(f"latent groups={groups} must divide the latent dimension {m}.")
+    size = m // groups
+    per_group = acts.reshape(n, groups, size).transpose(1, 0, 2).reshape(groups, n * size)
+    values, local = exact_top_k(per_group, min(n_keep, n * size))
+    row, col = local // size, local % size
+    flat = row * m + jnp.arange(groups, dtype=local.dtype)[:, None] * size + col
+    # The candidates are group-major, not in flat order: sort by (value desc, flat index).
+    _, flat = lax.sort((0.0 - values.reshape(-1), flat.reshape(-1)), num_keys=2)
+    return flat[:n_keep]
+
+
+def batch_topk_select(pre: jax.Array, k: float, groups: int = 1) -> tuple[jax.Array, jax.Array]:
     """BatchTopK: keep the ⌊k · N⌋ largest of ReLU(pre) over the whole batch.
 
     N is the number of rows (all leading dims of ``pre``); returns dense ``(acts, mask)``,
@@ -192,11 +253,12 @@ def batch_topk_select(pre: jax.Array, k: float) -> tuple[jax.Array, jax.Array]:
     k may be a float). Ties go to the lower flat index (earlier row, then lower latent),
     from ``lax.top_k``. If fewer than ⌊k · N⌋ entries are positive, the mask also holds
     zeros (value 0): use ``acts > 0`` for the firing pattern. Under a vmap, N is the
-    per-instance batch.
+    per-instance batch. ``groups`` > 1 selects in two stages (the top ⌊k · N⌋ of each of
+    ``groups`` latent slices, then among those), with the same result.
     """
     acts = jax.nn.relu(pre)
     n_keep = int(k * math.prod(pre.shape[:-1]))
-    _, flat_idx = lax.top_k(acts.reshape(-1), n_keep)
+    flat_idx = _flat_top(acts.reshape(-1, acts.shape[-1]), n_keep, groups)
     mask = jnp.zeros(acts.size, bool).at[flat_idx].set(True).reshape(acts.shape)
     return jnp.where(mask, acts, 0), mask
 
@@ -253,18 +315,18 @@ sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
 
 
 def topk_encoder_reference(
-    x_centered: jax.Array, W_enc: jax.Array, b_enc: jax.Array, k: int
+    x_centered: jax.Array, W_enc: jax.Array, b_enc: jax.Array, k: int, groups: int = 1
 ) -> tuple[jax.Array, jax.Array]:
     """``topk_select(x_centered @ W_enc + b_enc, k)``, differentiated densely by autodiff."""
-    return topk_select(x_centered @ W_enc + b_enc, k)
+    return topk_select(x_centered @ W_enc + b_enc, k, groups)
 
 
-def _sparse_encoder_topk_fwd(x_centered, W_enc, b_enc, k):
-    top, indices = lax.top_k(x_centered @ W_enc + b_enc, k)
+def _sparse_encoder_topk_fwd(x_centered, W_enc, b_enc, k, groups=1):
+    top, indices = grouped_top_k(x_centered @ W_enc + b_enc, k, groups)
     return (jax.nn.relu(top), indices), (x_centered, W_enc, b_enc, top > 0, indices)
 
 
-def _sparse_encoder_topk_bwd(k, res, g):
+def _sparse_encoder_topk_bwd(k, groups, res, g):
     x, W_enc, b_enc, alive, indices = res
     delta = jnp.where(alive, g[0], 0)  # ReLU'(top); the indices' cotangent is float0
     m = W_enc.shape[1]
@@ -279,9 +341,9 @@ def _sparse_encoder_topk_bwd(k, res, g):
     )
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def sparse_encoder_topk(
-    x_centered: jax.Array, W_enc: jax.Array, b_enc: jax.Array, k: int
+    x_centered: jax.Array, W_enc: jax.Array, b_enc: jax.Array, k: int, groups: int = 1
 ) -> tuple[jax.Array, jax.Array]:
     """TopK encoder ``(values, indices)`` = ReLU(TopK_k(x_centered W_enc + b_enc)).
 
@@ -292,9 +354,10 @@ def sparse_encoder_topk(
     (ReLU'-masked): d W_enc[:, idx[b, j]] += x[b] · δ[b, j] and d b_enc[idx[b, j]] +=
     δ[b, j] by scatter-add, d x[b] = Σ_j δ[b, j] · W_enc[:, idx[b, j]] by gather —
     B·k·d FLOPs instead of the dense B·m·d. Gradients equal autodiff of
-    ``topk_encoder_reference``. ``k`` is static; ``indices`` carry no gradient.
+    ``topk_encoder_reference``. ``k`` and ``groups`` (two-stage selection, see
+    ``grouped_top_k``) are static; ``indices`` carry no gradient.
     """
-    return topk_encoder_reference(x_centered, W_enc, b_enc, k)
+    return topk_encoder_reference(x_centered, W_enc, b_enc, k, groups)
 
 
 sparse_encoder_topk.defvjp(_sparse_encoder_topk_fwd, _sparse_encoder_topk_bwd)

@@ -284,14 +284,18 @@ class TopKSAE(SAE):
     k: int = 32
     k_aux: int = 256
     aux_coefficient: float = 1 / 32
+    latent_groups: int = 1
+    """Slices of the latent axis for a two-stage top-k (``act.grouped_top_k``): the loop sets the
+    model-axis size, so the first stage stays on each device. Every value gives the same result."""
     name: ClassVar[str] = "topk"
 
     def encode(self, params, x, stats=None):
-        values, idx = act.topk_select(self.pre_acts(params, x), self.k)
+        values, idx = act.topk_select(self.pre_acts(params, x), self.k, self.latent_groups)
         return act.densify(values, idx, self.d_sae)
 
     def forward(self, params, x, stats):
-        values, idx = act.sparse_encoder_topk(self.centred(params, x), params["W_enc"], params["b_enc"], self.k)
+        values, idx = act.sparse_encoder_topk(self.centred(params, x), params["W_enc"], params["b_enc"], self.k,
+                                               self.latent_groups)
         x_hat = act.sparse_decode(values, idx, params["W_dec"]) + params["b_dec"]
         f = act.densify(jax.lax.stop_gradient(values), idx, self.d_sae)
         aux = self.auxk(params, x, x_hat, stats)
@@ -305,7 +309,7 @@ class TopKSAE(SAE):
         e = jax.lax.stop_gradient(x - x_hat)
         pre = self.pre_acts(params, x)  # recomputed: XLA shares it with the encoder's matmul
         k_aux = min(self.k_aux, self.d_sae)
-        values, idx = act.topk_select(jnp.where(dead, pre, -jnp.inf), k_aux)
+        values, idx = act.topk_select(jnp.where(dead, pre, -jnp.inf), k_aux, self.latent_groups)
         e_hat = act.sparse_decode(values, idx, params["W_dec"])
         loss = jnp.nan_to_num(normalized_mse(e, e_hat))
         return self.aux_coefficient * jnp.where(jnp.any(dead), loss, 0.0)
@@ -326,7 +330,7 @@ class BatchTopKSAE(TopKSAE):
         return jnp.where(acts > stats["threshold"], acts, 0.0)
 
     def forward(self, params, x, stats):
-        f, mask = act.batch_topk_select(self.pre_acts(params, x), self.k)
+        f, mask = act.batch_topk_select(self.pre_acts(params, x), self.k, self.latent_groups)
         x_hat = self.decode(params, f)
         kept = jnp.where(mask & (f > 0), f, jnp.inf)
         aux = self.auxk(params, x, x_hat, stats)

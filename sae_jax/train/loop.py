@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sae_jax import api, config as config_lib, sharding
+from sae_jax import api, checkpoint, config as config_lib, sharding
 from sae_jax.data import pipeline, store as store_lib
 from sae_jax.evaluate import evaluate
 from sae_jax.models.sae import SAE, make_sae
@@ -60,6 +60,7 @@ def prepare(cfg: config_lib.Config) -> Run:
     coef = step_lib.coefficient_factor(cfg.sparsity.warmup_steps)
     scale = float(1.0 / np.sqrt(store.norm_scalar)) if cfg.data.normalize else 1.0
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
+    sharding.check_divisible(mesh, cfg.train.batch_size, cfg.model.d_sae)
     return Run(cfg, store, sae, mesh, scale, tx, lr_schedule, coef)
 
 
@@ -68,21 +69,43 @@ def state_shardings(run: Run, abstract: TrainState):
     return sharding.named(run.mesh, sharding.tree_specs(abstract, run.sae.param_axes()))
 
 
-def init_train_state(run: Run) -> TrainState:
-    """A fresh state, born sharded (init jitted with out_shardings)."""
+def _state_init(run: Run):
+    """(init, key, sample): the state's initializer and its inputs."""
     sample = run.store.read(0, min(INIT_SAMPLE_ROWS, run.store.n_tokens)) * run.scale
     key = jax.random.key(run.cfg.seed)
 
     def init(key, sample):
         return init_state(run.sae, run.tx, key, sample, run.cfg.optim.lr, run.cfg.sparsity.coefficient)
 
+    return init, key, sample
+
+
+def init_train_state(run: Run) -> TrainState:
+    """A fresh state, born sharded (init jitted with out_shardings); from model.init_from's SAE if set."""
+    init, key, sample = _state_init(run)
     abstract = jax.eval_shape(init, key, sample)
-    return jax.jit(init, out_shardings=state_shardings(run, abstract))(key, sample)
+    if not run.cfg.model.init_from:
+        return jax.jit(init, out_shardings=state_shardings(run, abstract))(key, sample)
+    # model.init_from: the saved SAE's parameters at the training scale, a fresh optimizer state.
+    params, stats = jax.device_get(api.initial_params(run.cfg.model.init_from, run.sae, run.scale))
+
+    def init_from(key, sample, params, stats):
+        return init(key, sample).replace(params=params, stats=stats, opt_state=run.tx.init(params))
+
+    return jax.jit(init_from, out_shardings=state_shardings(run, abstract))(key, sample, params, stats)
+
+
+def abstract_train_state(run: Run) -> TrainState:
+    """Shapes, dtypes and target shardings (on this run's mesh) of the state: what a checkpoint restores into."""
+    init, key, sample = _state_init(run)
+    abstract = jax.eval_shape(init, key, sample)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                        state_shardings(run, abstract))
 
 
 def compile_step(run: Run, state: TrainState):
     """The train step jitted once, with explicit shardings and state donation."""
-    fn = step_lib.make_train_step(run.sae, run.tx, run.lr_schedule, run.coef, run.scale)
+    fn = step_lib.make_train_step(sharding.for_mesh(run.sae, run.mesh), run.tx, run.lr_schedule, run.coef, run.scale)
     shardings = state_shardings(run, state)
     return jax.jit(fn, in_shardings=(shardings, sharding.batch_sharding(run.mesh)),
                    out_shardings=(shardings, sharding.replicated(run.mesh)), donate_argnums=0)
@@ -98,31 +121,58 @@ def make_loader(run: Run, split: str = "train") -> pipeline.ActivationLoader:
     )
 
 
-def train(cfg: config_lib.Config) -> dict:
-    """Train one SAE as configured; returns the summary written to summary.json."""
+def train(cfg: config_lib.Config, fresh: bool = False) -> dict:
+    """Train one SAE as configured; returns the summary written to summary.json.
+
+    Resumes from the newest good checkpoint unless ``fresh`` (which deletes the old ones). On
+    SIGTERM/SIGINT it saves a checkpoint and raises ``checkpoint.Preempted``.
+    """
     run = prepare(cfg)
     cfg = run.cfg
     workdir = Path(cfg.train.workdir)
     if is_main():
         workdir.mkdir(parents=True, exist_ok=True)
-        config_lib.save_config(cfg, workdir / "config.yaml")
+    ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(cfg), cfg.checkpoint.every, cfg.checkpoint.keep,
+                                   sharding.replicated(run.mesh), fresh=fresh)
 
-    # --- state, step, data
-    state = init_train_state(run)
+    # --- state, step, data: from the newest good checkpoint, or fresh
+    start = checkpoint.restore_or_init(ckpts, lambda: init_train_state(run), abstract_train_state(run), cfg,
+                                       run.store.identity)
+    if start.config != cfg:  # a resumed run keeps step-derived schedule lengths
+        run = prepare(start.config)
+        cfg = run.cfg
+    if is_main():
+        config_lib.save_config(cfg, workdir / "config.yaml")
+    state = start.state
     train_step = compile_step(run, state)
     loader = make_loader(run)
     batch_sharding = sharding.batch_sharding(run.mesh)
+    if start.resumed:
+        loader.set_state(start.data_state)
+        report_resume(run, start, ckpts, workdir / "metrics.jsonl")
 
-    # --- the loop
-    log = MetricsLog(workdir / "metrics.jsonl", cfg.train, enabled=is_main())
+    # --- the loop (a checkpoint every checkpoint.every steps, at the end, and on preemption)
+    log = MetricsLog(workdir / "metrics.jsonl", cfg.train, enabled=is_main(), start_step=start.step)
+    preemption = checkpoint.PreemptionWatch()
     t_start = time.perf_counter()
-    for step in range(int(state.step), cfg.train.steps):
-        x = pipeline.to_global(next(loader), batch_sharding)
-        state, step_metrics = train_step(state, x)
-        log.maybe_write(step + 1, step_metrics, tokens=(step + 1) * cfg.train.batch_size)
+    try:
+        for step in range(start.step, cfg.train.steps):
+            x = pipeline.to_global(next(loader), batch_sharding)
+            state, step_metrics = train_step(state, x)
+            done = step + 1
+            log.maybe_write(done, step_metrics, tokens=done * cfg.train.batch_size)
+            if preemption.reached(done):
+                ckpts.save(done, state, checkpoint_meta(run, loader, done))
+                ckpts.wait()
+                raise checkpoint.Preempted(done, ckpts.directory)
+            ckpts.maybe_save(done, cfg.train.steps, state, lambda done=done: checkpoint_meta(run, loader, done))
+        ckpts.wait()
+    finally:
+        preemption.close()
+        log.close()
+        ckpts.close()
     jax.block_until_ready(state)
     wall = time.perf_counter() - t_start
-    log.close()
 
     # --- outputs: folded parameters and the held-out evaluation
     model = save_trained(run, state, workdir)
@@ -130,6 +180,32 @@ def train(cfg: config_lib.Config) -> dict:
     if is_main():
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def checkpoint_meta(run: Run, loader: pipeline.ActivationLoader, step: int) -> dict:
+    """The JSON part of a checkpoint: data-iterator state, resolved config, normalization, store."""
+    return {"data": loader.get_state(), "config": config_lib.to_dict(run.cfg), "scale": run.scale,
+            "store": run.store.identity, "tokens": step * run.cfg.train.batch_size}
+
+
+def report_resume(run: Run, start: checkpoint.Restored, ckpts: checkpoint.Checkpoints, log_path: Path) -> None:
+    """Say where the run resumes; cut metrics.jsonl back to the restored step (a killed run wrote past it)."""
+    if not is_main():
+        return
+    tokens = start.step * run.cfg.train.batch_size
+    print(f"resuming from step {start.step} ({tokens:,} tokens) of {ckpts.directory}", flush=True)
+    for change in start.changes:
+        print(f"  accepted config change {change}", flush=True)
+    if log_path.is_file():
+        rows = []
+        for line in log_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if row.get("step", 0) <= start.step:
+                rows.append(line + "\n")
+        log_path.write_text("".join(rows))
 
 
 def save_trained(run: Run, state: TrainState, workdir: Path) -> api.TrainedSAE:

@@ -1,0 +1,492 @@
+"""Portable per-SAE folders: export to SAELens, import from SAELens and Gemma Scope.
+
+SAELens (>= 6.0, ``SAE.load_from_disk``) reads a folder holding ``cfg.json`` (architecture,
+d_in, d_sae, dtype, device, apply_b_dec_to_input, normalize_activations, reshape_activations,
+metadata; ``k`` and ``rescale_acts_by_decoder_norm`` for topk) and ``sae_weights.safetensors``
+(W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]; gated: b_gate, b_mag,
+r_mag instead of b_enc; jumprelu: threshold [d_sae]). Sources: sae_lens 6.x ``saes/sae.py``
+(SAEConfig, save_model, load_from_disk, fold_W_dec_norm) and ``saes/{standard,gated,jumprelu,
+topk,batchtopk}_sae.py``.
+
+How our architectures map (every export works on raw activations: ``loop.save_trained`` has
+already folded the store's normalization scalar into the saved parameters):
+
+=====================  ==========  ==============================================================
+ours                   SAELens     how
+=====================  ==========  ==============================================================
+relu, l1               standard    as is
+relu, l1_decoder_norm  standard    decoder norms n folded (W_dec_i / n_i; W_enc[:, i], b_enc_i * n_i)
+gated                  gated       as is; l1_decoder_norm: n folded into W_enc, b_gate, b_mag
+jumprelu               jumprelu    threshold = exp(log_threshold) (or the raw theta)
+topk                   topk        k; rescale_acts_by_decoder_norm = false
+batchtopk              jumprelu    the inference threshold broadcast to every latent (SAELens
+                                   ``BatchTopKTrainingSAE.process_state_dict_for_saving_inference``)
+prolu                  jumprelu    exact at inference: b_enc = 0, threshold = max(-b, 0), because
+                                   m H(m + b) H(m) = ReLU(m) H(m - max(-b, 0)) (Taggart 2024's gate)
+=====================  ==========  ==============================================================
+
+Beside the two SAELens files an export writes ``sae_jax.json`` (our architecture and its
+hyper-parameters) and ``sae_jax.safetensors`` (the training statistics, and exactly those
+parameters whose SAELens form does not give them back bit for bit: a folded decoder, log theta,
+ProLU's b_enc). SAELens ignores both files. Import uses them while the SAELens weights are the
+ones exported (checked by a sha256), so export -> import is bit-exact for every architecture;
+any other SAELens folder imports with SAELens's own semantics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from sae_jax import api
+from sae_jax import config as config_lib
+from sae_jax.models.sae import SAE, Params, Stats, make_sae
+
+SAELENS_CFG = "cfg.json"
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SIDECAR = "sae_jax.json"
+SIDECAR_WEIGHTS = "sae_jax.safetensors"
+SAELENS_FORMAT = "6.0.0"
+"""The SAELens cfg.json layout written (metadata.sae_lens_version); SAELens reads it as >= 6.0."""
+SIDECAR_VERSION = 1
+UNIT_NORM_ATOL = 1e-4
+"""Decoder rows within this of norm 1 count as unit-norm (for the imported penalty choice)."""
+GEMMA_SCOPE_KEYS = {"W_enc": ("d_model", "d_sae"), "W_dec": ("d_sae", "d_model"), "b_enc": ("d_sae",),
+                    "b_dec": ("d_model",), "threshold": ("d_sae",)}
+"""The arrays of a Gemma Scope ``params.npz`` (JumpReLU, arXiv 2408.05147) and their shapes."""
+IMPORTABLE = ("standard", "gated", "jumprelu", "topk")
+BASE = ("W_enc", "b_enc", "W_dec", "b_dec")
+GATED = ("W_enc", "b_gate", "b_mag", "r_mag", "W_dec", "b_dec")
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass
+class Exported:
+    """What one export wrote."""
+
+    path: Path
+    """The SAELens folder."""
+    architecture: str
+    """Our architecture name."""
+    saelens_architecture: str
+    """The architecture name in cfg.json."""
+    exact: list[str] = field(default_factory=list)
+    """Parameters and statistics kept bit-exact in sae_jax.safetensors."""
+    notes: list[str] = field(default_factory=list)
+    """What the mapping changed (folded norms, threshold forms)."""
+
+
+# --------------------------------------------------------------------------- array helpers
+def _host(tree: dict) -> Arrays:
+    return {k: np.asarray(jax.device_get(v)) for k, v in tree.items()}
+
+
+def _f32(tensors: Arrays) -> Arrays:
+    return {k: np.array(v, np.float32, order="C") for k, v in tensors.items()}
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def decoder_norms(W_dec: np.ndarray) -> np.ndarray:
+    """||W_dec,i|| per latent in float64 (a zero row counts as norm 1, so it stays put)."""
+    n = np.linalg.norm(np.asarray(W_dec, np.float64), axis=1)
+    return np.where(n > 0, n, 1.0)
+
+
+def is_unit_norm(W_dec: np.ndarray, atol: float = UNIT_NORM_ATOL) -> bool:
+    """Every decoder row has norm 1 within ``atol``."""
+    return bool(np.all(np.abs(np.linalg.norm(np.asarray(W_dec, np.float64), axis=1) - 1.0) <= atol))
+
+
+def fold_norms(tensors: Arrays, scaled: tuple[str, ...] = ("b_enc", "b_gate", "b_mag", "threshold")) -> Arrays:
+    """Unit-norm decoder rows with the same reconstruction (SAELens ``fold_W_dec_norm``).
+
+    W_dec_i <- W_dec_i / n_i, W_enc[:, i] <- n_i W_enc[:, i] and every per-latent bias or
+    threshold in ``scaled`` times n_i: latent i's activation becomes n_i f_i, its
+    contribution f_i W_dec_i is unchanged (gated's r_mag is a log-scale and stays).
+    """
+    n = decoder_norms(tensors["W_dec"])
+    out = dict(tensors)
+    out["W_dec"] = (np.asarray(tensors["W_dec"], np.float64) / n[:, None]).astype(np.float32)
+    out["W_enc"] = (np.asarray(tensors["W_enc"], np.float64) * n[None, :]).astype(np.float32)
+    for k in scaled:
+        if k in out:
+            out[k] = (np.asarray(out[k], np.float64) * n).astype(np.float32)
+    return out
+
+
+def fold_decoder_norms(sae: SAE, params: Params) -> Params:
+    """Our parameters with unit-norm decoder rows and the same x_hat (relu, gated, jumprelu, prolu).
+
+    Each of these is positively homogeneous per latent in (encoder column, bias, threshold),
+    so scaling them by n_i and W_dec_i by 1/n_i keeps every x_hat. TopK/BatchTopK selection
+    would change, so they raise ValueError.
+    """
+    if sae.name in ("topk", "batchtopk"):
+        raise ValueError(f"folding decoder norms changes which latents a {sae.name} SAE selects; "
+                         "renormalize its decoder instead.")
+    p = _host(params)
+    n = decoder_norms(p["W_dec"])
+    out = fold_norms(p, scaled=("b_enc", "b_gate", "b_mag"))
+    if "log_threshold" in p:
+        t = np.asarray(p["log_threshold"], np.float64)
+        t = t + np.log(n) if sae.theta_param == "log" else t * n
+        out["log_threshold"] = t.astype(np.float32)
+    return {k: jnp.asarray(v) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- ours -> SAELens
+def _take(p: Arrays, names: tuple[str, ...]) -> Arrays:
+    return {k: p[k] for k in names}
+
+
+def _standard(sae, p, s):
+    return "standard", _take(p, BASE), {}
+
+
+def _gated(sae, p, s):
+    return "gated", _take(p, GATED), {}
+
+
+def _jumprelu(sae, p, s):
+    theta = np.asarray(jax.jit(sae.threshold)(p))  # what our encode compares against
+    return "jumprelu", {**_take(p, BASE), "threshold": theta}, {}
+
+
+def _topk(sae, p, s):
+    return "topk", _take(p, BASE), {"k": int(sae.k), "rescale_acts_by_decoder_norm": False}
+
+
+def _batchtopk(sae, p, s):
+    theta = np.full((sae.d_sae,), s["threshold"], np.float32)
+    return "jumprelu", {**_take(p, BASE), "threshold": theta}, {}
+
+
+def _prolu(sae, p, s):
+    b = p["b_enc"]
+    theta = np.where(b < 0, -b, 0.0).astype(np.float32)  # -b is exact; never -0.0
+    return "jumprelu", {**_take(p, ("W_enc", "W_dec", "b_dec")), "b_enc": np.zeros_like(b), "threshold": theta}, {}
+
+
+TO_SAELENS: dict[str, Callable] = {"relu": _standard, "gated": _gated, "jumprelu": _jumprelu, "topk": _topk,
+                                   "batchtopk": _batchtopk, "prolu": _prolu}
+"""Our architecture -> fn(sae, params, stats) -> (SAELens architecture, tensors, extra cfg fields)."""
+
+
+def saelens_form(sae: SAE, params: Params, stats: Stats) -> tuple[str, Arrays, dict, list[str]]:
+    """The SAELens architecture, weights, extra cfg.json fields and notes for one of our SAEs."""
+    arch, tensors, extra = TO_SAELENS[sae.name](sae, _host(params), _host(stats))
+    notes = []
+    if arch != {"relu": "standard"}.get(sae.name, sae.name):
+        notes.append(f"{sae.name} exported as SAELens {arch} (same feature activations at inference)")
+    if sae.penalty == "l1_decoder_norm":
+        tensors = fold_norms(tensors)
+        notes.append("decoder norms folded into the encoder (unit-norm W_dec rows)")
+    return arch, _f32(tensors), extra, notes
+
+
+# --------------------------------------------------------------------------- SAELens -> ours
+def _from_base(sae, t):
+    return _take(t, BASE), {}
+
+
+def _from_gated(sae, t):
+    return _take(t, GATED), {}
+
+
+def _from_jumprelu(sae, t):
+    theta = t["threshold"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_t = np.log(theta) if sae.theta_param == "log" else theta
+    return {**_take(t, BASE), "log_threshold": np.asarray(log_t, np.float32)}, {}
+
+
+def _from_batchtopk(sae, t):
+    return _take(t, BASE), {"threshold": np.asarray(t["threshold"][0], np.float32)}
+
+
+def _from_prolu(sae, t):
+    return {**_take(t, ("W_enc", "W_dec", "b_dec")), "b_enc": (-t["threshold"]).astype(np.float32)}, {}
+
+
+FROM_SAELENS: dict[str, Callable] = {"relu": _from_base, "gated": _from_gated, "jumprelu": _from_jumprelu,
+                                     "topk": _from_base, "batchtopk": _from_batchtopk, "prolu": _from_prolu}
+"""Our architecture -> fn(sae, SAELens tensors) -> (params, stats overrides): the inverse mapping."""
+
+
+def params_from_saelens(sae: SAE, tensors: Arrays) -> tuple[Arrays, Arrays]:
+    """Our parameters and statistics for ``sae`` from SAELens-named weights."""
+    params, over = FROM_SAELENS[sae.name](sae, tensors)
+    stats = _host(sae.init_stats()) | over
+    return _f32(params), {k: np.asarray(v) for k, v in stats.items()}
+
+
+def _check_shapes(sae: SAE, params: Arrays, where: str) -> None:
+    want = jax.eval_shape(sae.init, jax.random.key(0))
+    if set(want) != set(params):
+        raise ValueError(f"'{where}' holds parameters {sorted(params)}, but a {sae.name} SAE needs {sorted(want)}.")
+    for k, v in want.items():
+        if tuple(params[k].shape) != tuple(v.shape):
+            raise ValueError(f"'{where}': {k} has shape {tuple(params[k].shape)}, expected {tuple(v.shape)} "
+                             f"(d_model={sae.d_model}, d_sae={sae.d_sae}).")
+
+
+# --------------------------------------------------------------------------- export
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _warn_negative_thresholds(tensors: Arrays, where: str) -> None:
+    theta = tensors.get("threshold")
+    if theta is not None and np.any(theta < 0):
+        warnings.warn(f"{where}: {int(np.sum(theta < 0))} JumpReLU thresholds are negative; SAELens zeroes "
+                      "negative pre-activations above them (ReLU before the jump), sae_jax passes them.", stacklevel=3)
+
+
+def saelens_cfg(sae: SAE, arch: str, extra: dict, metadata: dict) -> dict:
+    """The cfg.json of a SAELens >= 6 folder (field names of ``SAEConfig.to_dict``)."""
+    meta = {"sae_lens_version": SAELENS_FORMAT, "sae_lens_training_version": None, "trained_with": "sae_jax",
+            "sae_jax_architecture": sae.name}
+    meta |= {k: v for k, v in metadata.items() if v not in (None, "")}
+    return {"architecture": arch, "d_in": int(sae.d_model), "d_sae": int(sae.d_sae), "dtype": "float32",
+            "device": "cpu", "apply_b_dec_to_input": bool(sae.apply_b_dec_to_input), "normalize_activations": "none",
+            "reshape_activations": "none", **extra, "metadata": meta}
+
+
+def export_saelens(model: api.TrainedSAE, out: str | Path, metadata: dict | None = None) -> Exported:
+    """Write ``model`` as a SAELens folder (plus our sidecar files) at ``out``.
+
+    ``metadata`` goes into cfg.json's metadata (e.g. model_name, hook_name for Neuronpedia).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sae = model.sae
+    arch, tensors, extra, notes = saelens_form(sae, model.params, model.stats)
+    _warn_negative_thresholds(tensors, str(out))
+    # The sidecar keeps what the SAELens form does not give back bit for bit, and the stats.
+    back, _ = params_from_saelens(sae, tensors)
+    params, stats = _host(model.params), _host(model.stats)
+    exact = {f"params.{k}": v for k, v in params.items() if not _same_bits(np.asarray(v), back[k])}
+    exact |= {f"stats.{k}": v for k, v in stats.items()}
+    weights = out / SAELENS_WEIGHTS
+    _write_atomic(weights, lambda p: save_file(tensors, str(p)))
+    _write_atomic(out / SIDECAR_WEIGHTS, lambda p: save_file({k: np.array(v, order="C") for k, v in exact.items()},
+                                                            str(p)))
+    side = {"format": "sae_jax.saelens_sidecar", "format_version": SIDECAR_VERSION, "sae": api.sae_spec(sae),
+            "meta": model.meta, "saelens_architecture": arch, "saelens_weights_sha256": _sha256(weights),
+            "exact": sorted(exact), "notes": notes}
+    _write_atomic(out / SIDECAR, lambda p: p.write_text(json.dumps(side, indent=2)))
+    cfg = saelens_cfg(sae, arch, extra, metadata or {})
+    _write_atomic(out / SAELENS_CFG, lambda p: p.write_text(json.dumps(cfg, indent=2)))
+    return Exported(out, sae.name, arch, sorted(exact), notes)
+
+
+def export_workdir(src: str | Path, out: str | Path, metadata: dict | None = None) -> list[Exported]:
+    """Export every trained SAE under ``src`` (a run, a sweep with members/NAME/, or an sae/ folder).
+
+    One SAE goes to ``out`` itself; several go to ``out/<path relative to src>``.
+    """
+    src = Path(src)
+    found = api.find_saes(src)
+    if not found:
+        raise FileNotFoundError(f"'{src}' holds no trained SAE (sae/sae.json); pass a work directory of "
+                                "`sae-jax train` or `sae-jax sweep`.")
+    results = []
+    for folder in found:
+        rel = api.member_name(src, folder)
+        dest = Path(out) if len(found) == 1 else Path(out) / rel
+        results.append(export_saelens(api.load(folder), dest, metadata))
+    return results
+
+
+# --------------------------------------------------------------------------- import
+def is_saelens_folder(path: Path) -> bool:
+    """A folder with cfg.json and sae_weights.safetensors."""
+    return (path / SAELENS_CFG).is_file() and (path / SAELENS_WEIGHTS).is_file()
+
+
+def _read_sidecar(folder: Path) -> dict | None:
+    """Our sidecar, if present and written for the SAELens weights now in the folder."""
+    if not (folder / SIDECAR).is_file() or not (folder / SIDECAR_WEIGHTS).is_file():
+        return None
+    side = json.loads((folder / SIDECAR).read_text())
+    if side.get("saelens_weights_sha256") != _sha256(folder / SAELENS_WEIGHTS):
+        warnings.warn(f"{folder}/{SAELENS_WEIGHTS} changed since sae_jax exported it; importing it as a plain "
+                      f"SAELens folder and ignoring {SIDECAR}.", stacklevel=3)
+        return None
+    return side
+
+
+def load_saelens(folder: str | Path) -> api.TrainedSAE:
+    """A SAELens folder as a TrainedSAE: bit-exact when our sidecar matches, else by SAELens semantics."""
+    folder = Path(folder)
+    if not is_saelens_folder(folder):
+        raise FileNotFoundError(f"'{folder}' is not a SAELens folder: it needs {SAELENS_CFG} and {SAELENS_WEIGHTS}.")
+    tensors = _f32(load_file(str(folder / SAELENS_WEIGHTS)))
+    side = _read_sidecar(folder)
+    if side is None:
+        cfg = json.loads((folder / SAELENS_CFG).read_text())
+        return _foreign(cfg, tensors, str(folder / SAELENS_WEIGHTS), {"imported_from": str(folder),
+                                                                      "format": "saelens"})
+    sae = api.sae_from_spec(side["sae"])
+    params, stats = params_from_saelens(sae, tensors)
+    for key, value in load_file(str(folder / SIDECAR_WEIGHTS)).items():
+        kind, name = key.split(".", 1)
+        (params if kind == "params" else stats)[name] = value
+    _check_shapes(sae, params, str(folder))
+    return _trained(sae, params, stats, side.get("meta", {}))
+
+
+def _trained(sae: SAE, params: Arrays, stats: Arrays, meta: dict) -> api.TrainedSAE:
+    return api.TrainedSAE(sae, {k: jnp.asarray(v) for k, v in params.items()},
+                          {k: jnp.asarray(v) for k, v in stats.items()}, meta)
+
+
+def _saelens_architecture(cfg: dict, where: str) -> tuple[str, dict]:
+    """cfg.json -> (architecture, fields), pre-6.0 names included (SAELens ``handle_pre_6_0_config``)."""
+    fn = cfg.get("activation_fn", cfg.get("activation_fn_str"))
+    arch = cfg.get("architecture") or "standard"
+    if fn == "topk" and (cfg.get("activation_fn_kwargs") or {}).get("k") is not None:
+        arch, cfg = "topk", {**cfg, "k": cfg["activation_fn_kwargs"]["k"]}
+    if arch not in IMPORTABLE:
+        raise ValueError(f"'{where}': SAELens architecture '{arch}' has no sae_jax equivalent; importable: "
+                         f"{', '.join(IMPORTABLE)}.")
+    norm = cfg.get("normalize_activations") or "none"
+    if norm not in ("none", "expected_average_only_in"):  # the latter is a no-op in a loaded SAELens SAE
+        raise ValueError(f"'{where}': normalize_activations '{norm}' depends on each input, so it cannot be "
+                         "folded into the weights; only 'none' and 'expected_average_only_in' import.")
+    return arch, cfg
+
+
+def _legacy_tensors(tensors: Arrays, where: str) -> tuple[Arrays, list[str]]:
+    """Older SAELens weight names: log_threshold, and a finetuning scaling_factor folded into W_dec."""
+    tensors, notes = dict(tensors), []
+    if "log_threshold" in tensors:
+        tensors["threshold"] = np.exp(tensors.pop("log_threshold")).astype(np.float32)
+    for key in ("scaling_factor", "finetuning_scaling_factor"):
+        if key in tensors:
+            s = tensors.pop(key)
+            if not np.all(s == 1):
+                tensors["W_dec"] = (tensors["W_dec"] * s[:, None]).astype(np.float32)
+                notes.append(f"{key} folded into W_dec")
+    return tensors, notes
+
+
+def recipe_sae(architecture: str, overrides: list[str]) -> SAE:
+    """Our SAE for an imported architecture, hyper-parameters from its recipe plus ``overrides``."""
+    cfg = config_lib.load_config(None, [f"model.architecture={architecture}", *overrides])
+    return make_sae(cfg.model, cfg.sparsity.penalty, cfg.train.dead_tokens)
+
+
+def _foreign(cfg: dict, tensors: Arrays, where: str, meta: dict) -> api.TrainedSAE:
+    """Import SAELens weights with SAELens's inference semantics (no sidecar)."""
+    arch, cfg = _saelens_architecture(cfg, where)
+    tensors, notes = _legacy_tensors(tensors, where)
+    d, m = int(cfg["d_in"]), int(cfg["d_sae"])
+    common = [f"model.d_model={d}", f"model.d_sae={m}",
+              f"model.apply_b_dec_to_input={bool(cfg.get('apply_b_dec_to_input', True))}"]
+    if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+        tensors = fold_norms(tensors, ("b_enc",))  # SAELens _fold_norm_topk: same selection, unit rows
+        notes.append("decoder norms folded (rescale_acts_by_decoder_norm)")
+    if arch in ("standard", "gated"):
+        penalty = "l1" if is_unit_norm(tensors["W_dec"]) else "l1_decoder_norm"
+        sae = recipe_sae("relu" if arch == "standard" else arch, [*common, f"sparsity.penalty={penalty}"])
+    elif arch == "jumprelu":
+        _warn_negative_thresholds(tensors, where)
+        sae = recipe_sae("jumprelu", [*common, "model.jumprelu_theta_param=raw"])  # raw: theta kept bit-exact
+    else:
+        sae = recipe_sae("topk", [*common, f"model.k={int(cfg['k'])}"])
+    params, stats = params_from_saelens(sae, tensors)
+    _check_shapes(sae, params, where)
+    meta = {**meta, "saelens_architecture": arch, "notes": notes,
+            **{k: v for k, v in (cfg.get("metadata") or {}).items() if k in ("model_name", "hook_name")}}
+    return _trained(sae, params, stats, meta)
+
+
+def load_gemma_scope(path: str | Path) -> api.TrainedSAE:
+    """A Gemma Scope ``params.npz`` (JumpReLU; W_enc, W_dec, b_enc, b_dec, threshold) as a TrainedSAE.
+
+    Gemma Scope's encoder does not subtract b_dec (apply_b_dec_to_input = false; SAELens
+    ``get_gemma_2_config_from_hf``); f = pre * H(pre - threshold), pre = x W_enc + b_enc.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Gemma Scope file '{path}' does not exist.")
+    with np.load(path) as data:
+        arrays = {("W_" + k[2:] if k.startswith("w_") else k): np.asarray(data[k], np.float32) for k in data.files}
+    missing = [k for k in GEMMA_SCOPE_KEYS if k not in arrays]
+    if missing:
+        raise ValueError(f"'{path}' lacks {', '.join(missing)}; a Gemma Scope params.npz holds W_enc [d_model, d_sae], "
+                         "W_dec [d_sae, d_model], b_enc [d_sae], b_dec [d_model] and threshold [d_sae].")
+    d, m = arrays["W_enc"].shape if arrays["W_enc"].ndim == 2 else (0, 0)
+    dims = {"d_model": d, "d_sae": m}
+    for key, names in GEMMA_SCOPE_KEYS.items():
+        want = tuple(dims[n] for n in names)
+        if arrays[key].shape != want:
+            raise ValueError(f"'{path}': {key} has shape {arrays[key].shape}, expected {want} ({', '.join(names)}).")
+    cfg = {"architecture": "jumprelu", "d_in": d, "d_sae": m, "apply_b_dec_to_input": False}
+    return _foreign(cfg, arrays, str(path), {"imported_from": str(path), "format": "gemma_scope"})
+
+
+SPEC_TO_CONFIG = {
+    "d_model": "model.d_model", "d_sae": "model.d_sae", "penalty": "sparsity.penalty",
+    "init_decoder_norm": "model.init_decoder_norm", "init_b_dec": "model.init_b_dec",
+    "apply_b_dec_to_input": "model.apply_b_dec_to_input", "dead_tokens": "train.dead_tokens",
+    "aux_coefficient": "model.aux_coefficient", "eps": "model.jumprelu_eps", "theta_init": "model.jumprelu_theta_init",
+    "theta_param": "model.jumprelu_theta_param", "k": "model.k", "k_aux": "model.k_aux",
+    "threshold_momentum": "model.threshold_momentum", "estimator": "model.prolu_estimator",
+}
+"""Our SAE dataclass fields -> config keys (the inverse of ``make_sae``)."""
+
+
+def config_for(sae: SAE, init_from: str | Path, workdir: str | Path) -> config_lib.Config:
+    """A resolved config whose ``make_sae`` gives ``sae`` back, starting from ``init_from``."""
+    tree: dict = {}
+    for name, value in api.sae_spec(sae).items():
+        if name == "architecture":
+            config_lib.set_path(tree, "model.architecture", value)
+        elif name in SPEC_TO_CONFIG:
+            config_lib.set_path(tree, SPEC_TO_CONFIG[name], value)
+    config_lib.set_path(tree, "model.init_from", str(init_from))
+    config_lib.set_path(tree, "train.workdir", str(workdir))
+    return config_lib.resolve(config_lib.from_dict(tree))
+
+
+def import_sae(src: str | Path, out: str | Path, member: str | None = None) -> tuple[Path, api.TrainedSAE]:
+    """Import a SAELens folder, a Gemma Scope params.npz (or one of our SAEs) into work directory ``out``.
+
+    Writes ``out/sae/`` (so ``eval`` and ``api.load`` read it) and ``out/config.yaml`` with
+    ``model.init_from = out/sae``, so ``sae-jax train out/config.yaml data.store=...`` continues
+    training it. Returns the sae/ folder and the loaded SAE.
+    """
+    out = Path(out)
+    if (out / api.SAE_DIR).exists() or (out / "config.yaml").exists():
+        raise ValueError(f"'{out}' already holds a work directory (sae/ or config.yaml); choose a new --out "
+                         "directory or remove it.")
+    model = api.load(src, member=member)
+    folder = api.save(out / api.SAE_DIR, model.sae, model.params, model.stats, model.meta)
+    cfg = config_for(model.sae, folder.resolve(), out)
+    config_lib.save_config(cfg, out / "config.yaml")
+    return folder, model

@@ -1,0 +1,319 @@
+"""Many SAEs in one job on one data stream: sparsity, k and learning-rate sweeps.
+
+The grid (``sweep.grid``, dotted key -> values) expands to members: the product of the
+values, each member a complete single-run config. Members that differ only in what
+``TrainState.hparams`` holds (``optim.lr``, ``sparsity.coefficient``) form a group: their
+states are stacked along a leading ``sweep`` axis and trained by one vmapped, jitted step
+(``jax.vmap(step, in_axes=(0, None))``: each member its own lr and coefficient, one shared
+batch). Members of other architectures or shapes form other groups, and every group steps
+on the same global batch, so the store is read once for the whole sweep. The ``sweep``
+logical axis is laid out by the rules table (``sharding.sweep_rules``): replicated, or split
+over the data devices with ``sweep.shard=true``.
+
+Work directory::
+
+    WORKDIR/config.yaml                  the sweep's config (grid included)
+    WORKDIR/sweep.json                   the grid, every member's point and the groups
+    WORKDIR/members/NAME/                a single run's work directory: config.yaml,
+                                         metrics.jsonl, summary.json, sae/
+    WORKDIR/sweep_summary.{csv,json}     the report over every finished member (sae_jax.report)
+    WORKDIR/pareto.png
+
+A member starts from the key a single run with its seed uses (``jax.random.key(seed)``) and
+sees the same batches in the same order, so it equals ``train(members/NAME/config.yaml)`` up
+to float32 rounding of the batched matmuls. Its summary's ``train_seconds`` is the whole
+sweep's training time (the members share it).
+
+Checkpoints: the state of a sweep is one pytree, ``{group index: stacked TrainState}``, plus
+the one loader's state; ``member_state`` slices a member out of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import yaml
+
+from sae_jax import config as config_lib
+from sae_jax import report, sharding
+from sae_jax.config import Config, ConfigError
+from sae_jax.data import pipeline
+from sae_jax.train import loop
+from sae_jax.train import step as step_lib
+from sae_jax.train.state import TrainState, init_state
+
+MEMBERS_DIR = "members"
+PLAN_FILE = "sweep.json"
+SWEEP_AXIS = "sweep"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One point of the grid."""
+
+    name: str
+    """Directory name under WORKDIR/members, built from the point (e.g. 'architecture-relu_coefficient-0.001')."""
+    point: dict[str, Any]
+    """The grid values of this member: dotted key -> value."""
+    cfg: Config
+    """The member's resolved config: exactly what a single run of it would use."""
+
+
+@dataclass
+class Group:
+    """Members trained together by one vmapped step; ``state`` is their stacked TrainState."""
+
+    index: int
+    """Position among all the sweep's groups (what ``sweep.group`` selects)."""
+    members: list[Member]
+    run: loop.Run
+    """The store, architecture, optimizer, schedules and mesh the members share."""
+    shardings: Any
+    """NamedShardings of the stacked state (leading axis: ``sweep``)."""
+    state: TrainState
+    """Every leaf has a leading axis of len(members); one pytree, saved and restored as one."""
+    step: Callable
+    """(stacked state, batch) -> (stacked state, metrics [len(members)] each)."""
+
+
+# --------------------------------------------------------------------------- the plan
+def expand(cfg: Config) -> list[Member]:
+    """Every member of the grid, in product order (the last key varies fastest).
+
+    ``cfg`` should be loaded without recipe resolution (``load_config(..., resolve_recipe=False)``):
+    each member is resolved on its own, so a swept ``model.architecture`` gets its own recipe.
+    """
+    grid = cfg.sweep.grid
+    if not grid:
+        raise ConfigError("config key 'sweep.grid' is empty; list the values to sweep, e.g. "
+                          "sweep.sparsity.coefficient=[1e-4,3e-4,1e-3].")
+    base = config_lib.to_dict(dataclasses.replace(cfg, sweep=config_lib.SweepConfig()))
+    members = []
+    for values in itertools.product(*grid.values()):
+        point = dict(zip(grid, values, strict=True))
+        name = member_name(point)
+        tree = copy.deepcopy(base)
+        for key, value in point.items():
+            config_lib.set_path(tree, key, value)
+        config_lib.set_path(tree, "train.workdir", str(Path(cfg.train.workdir) / MEMBERS_DIR / name))
+        try:
+            members.append(Member(name, point, config_lib.resolve(config_lib.from_dict(tree))))
+        except ConfigError as e:
+            raise ConfigError(f"sweep member '{name}': {e}") from None
+    return members
+
+
+def member_name(point: dict[str, Any]) -> str:
+    """'key-value' pairs joined by '_', each key by its last part unless two keys share it."""
+    shorts = [key.rsplit(".", 1)[-1] for key in point]
+    parts = [f"{short if shorts.count(short) == 1 else key}-{_fmt(value)}"
+             for (key, value), short in zip(point.items(), shorts, strict=True)]
+    return "_".join(parts)
+
+
+def _fmt(value: Any) -> str:
+    text = repr(value) if isinstance(value, float) else str(value)
+    return "".join(c if c.isalnum() or c in ".-+" else "-" for c in text)
+
+
+def static_key(cfg: Config) -> str:
+    """Everything of a member's config but its hparams (lr, coefficient) and workdir: equal keys stack."""
+    tree = config_lib.to_dict(cfg)
+    tree["optim"]["lr"] = tree["sparsity"]["coefficient"] = tree["train"]["workdir"] = None
+    return json.dumps(tree, sort_keys=True)
+
+
+def group_members(members: list[Member]) -> list[list[Member]]:
+    """Members grouped by ``static_key``, groups in order of their first member."""
+    groups: dict[str, list[Member]] = {}
+    for m in members:
+        groups.setdefault(static_key(m.cfg), []).append(m)
+    return list(groups.values())
+
+
+def select(groups: list[list[Member]], index: int) -> list[tuple[int, list[Member]]]:
+    """(index, members) of the groups this job trains: all (-1) or the one ``sweep.group`` names."""
+    if index == -1:
+        return list(enumerate(groups))
+    if not 0 <= index < len(groups):
+        raise ConfigError(f"config key 'sweep.group' is {index} but this sweep has {len(groups)} groups; use "
+                          f"0..{len(groups) - 1} or -1 for all.")
+    return [(index, groups[index])]
+
+
+def plan_doc(cfg: Config, groups: list[list[Member]]) -> dict:
+    """What sweep.json holds: the grid, each member's point and the groups (all of them)."""
+    return {"grid": cfg.sweep.grid, "groups": [[m.name for m in g] for g in groups],
+            "members": {m.name: m.point for g in groups for m in g}}
+
+
+# --------------------------------------------------------------------------- a group's state and step
+def build_group(index: int, members: list[Member], shard: bool) -> Group:
+    """Prepare the shared run, init the stacked state (born sharded) and jit the vmapped step."""
+    run = loop.prepare(members[0].cfg)
+    members = [dataclasses.replace(m, cfg=config_lib.with_d_model(m.cfg, run.store.d_model)) for m in members]
+    rules = sharding.sweep_rules(shard)
+    _check_divisible(run, rules, len(members))
+    state, shardings = init_stacked(run, members, rules)
+    return Group(index, members, run, shardings, state, compile_stacked_step(run, shardings))
+
+
+def _check_divisible(run: loop.Run, rules, n_members: int) -> None:
+    axis = sharding.logical_to_spec((SWEEP_AXIS,), rules)[0]
+    devices = run.mesh.shape[axis] if axis else 1
+    if n_members % devices:
+        raise ConfigError(f"config key 'sweep.shard' is true but a group of {n_members} members cannot be split "
+                          f"over {devices} devices; make each group's size a multiple of {devices} or set "
+                          "sweep.shard=false.")
+
+
+def stacked_shardings(run: loop.Run, abstract: TrainState, rules) -> Any:
+    """NamedShardings of a stacked state: the parameters' logical axes behind a leading ``sweep``."""
+    specs = sharding.tree_specs(abstract, run.sae.param_axes(), rules, lead=(SWEEP_AXIS,))
+    return sharding.named(run.mesh, specs)
+
+
+def init_stacked(run: loop.Run, members: list[Member], rules) -> tuple[TrainState, Any]:
+    """The members' fresh states stacked; each one is what ``loop.init_train_state`` gives its config."""
+    sample = run.store.read(0, min(loop.INIT_SAMPLE_ROWS, run.store.n_tokens)) * run.scale
+    key = jax.random.key(run.cfg.seed)
+    lr = np.asarray([m.cfg.optim.lr for m in members], np.float32)
+    coefficient = np.asarray([m.cfg.sparsity.coefficient for m in members], np.float32)
+
+    def init(key, sample, lr, coefficient):
+        def one(lr, coefficient):
+            return init_state(run.sae, run.tx, key, sample, lr, coefficient)
+
+        return jax.vmap(one)(lr, coefficient)
+
+    abstract = jax.eval_shape(init, key, sample, lr, coefficient)
+    shardings = stacked_shardings(run, abstract, rules)
+    return jax.jit(init, out_shardings=shardings)(key, sample, lr, coefficient), shardings
+
+
+def compile_stacked_step(run: loop.Run, shardings: Any) -> Callable:
+    """The single-run step vmapped over the sweep axis (batch shared), jitted once with donation."""
+    one = step_lib.make_train_step(run.sae, run.tx, run.lr_schedule, run.coef, run.scale)
+    return jax.jit(jax.vmap(one, in_axes=(0, None)),
+                   in_shardings=(shardings, sharding.batch_sharding(run.mesh)),
+                   out_shardings=(shardings, sharding.replicated(run.mesh)), donate_argnums=0)
+
+
+def member_state(group: Group, i: int) -> TrainState:
+    """Member i's state, replicated (one member's memory at a time, whatever the sweep layout)."""
+    take = jax.jit(lambda state, i: jax.tree.map(lambda a: a[i], state),
+                   out_shardings=sharding.replicated(group.run.mesh))
+    return take(group.state, i)
+
+
+# --------------------------------------------------------------------------- the loop
+def sweep(cfg: Config) -> dict[str, dict]:
+    """Train every member of ``cfg.sweep.grid`` (or of group ``sweep.group``) on one data stream.
+
+    Returns {member name: the summary written to its summary.json}; also writes the report
+    over every finished member of WORKDIR (so the last job of a grid of jobs joins them).
+    """
+    members = expand(cfg)
+    all_groups = group_members(members)
+    groups = [build_group(i, g, cfg.sweep.shard) for i, g in select(all_groups, cfg.sweep.group)]
+    workdir = Path(cfg.train.workdir)
+    if loop.is_main():
+        write_plan(cfg, all_groups, groups)
+
+    # --- data: one loader, one global batch for every group
+    first = groups[0].run
+    loader = loop.make_loader(first)
+    batch_sharding = sharding.batch_sharding(first.mesh)
+    logs = {m.name: member_log(m) for g in groups for m in g.members}
+
+    # --- the loop
+    steps, start = cfg.train.steps, int(groups[0].state.step[0])
+    bar = _progress(steps, start) if cfg.train.progress and loop.is_main() else None
+    t_start = time.perf_counter()
+    for step in range(start, steps):
+        x = pipeline.to_global(next(loader), batch_sharding)
+        for g in groups:
+            g.state, step_metrics = g.step(g.state, x)
+            if _is_log_step(step + 1, cfg.train):
+                write_metrics(g, logs, step + 1, step_metrics)
+        if bar is not None:
+            bar.update(1)
+    jax.block_until_ready([g.state for g in groups])
+    wall = time.perf_counter() - t_start
+    for log in logs.values():
+        log.close()
+    if bar is not None:
+        bar.close()
+
+    # --- outputs: each member's work directory, then the report
+    summaries = {}
+    for g in groups:
+        summaries |= finish_group(g, wall, loader)
+    loader.close()
+    if loop.is_main():
+        report.write_report([workdir], workdir)
+    return summaries
+
+
+def write_plan(cfg: Config, all_groups: list[list[Member]], groups: list[Group]) -> None:
+    """The sweep's config.yaml (every group: each job of a grid of jobs writes the same) and sweep.json,
+    and each trained member's config.yaml."""
+    workdir = Path(cfg.train.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    whole = dataclasses.replace(cfg, sweep=dataclasses.replace(cfg.sweep, group=-1))
+    report.atomic_write(workdir / "config.yaml", yaml.safe_dump(config_lib.to_dict(whole), sort_keys=False))
+    report.atomic_write(workdir / PLAN_FILE, json.dumps(plan_doc(cfg, all_groups), indent=2))
+    for g in groups:
+        for m in g.members:
+            Path(m.cfg.train.workdir).mkdir(parents=True, exist_ok=True)
+            config_lib.save_config(m.cfg, Path(m.cfg.train.workdir) / "config.yaml")
+
+
+def member_log(member: Member) -> loop.MetricsLog:
+    """The member's metrics.jsonl (no per-member progress bar: the sweep has one)."""
+    tcfg = dataclasses.replace(member.cfg.train, progress=False)
+    return loop.MetricsLog(Path(member.cfg.train.workdir) / "metrics.jsonl", tcfg, enabled=loop.is_main())
+
+
+def _is_log_step(step: int, tcfg: config_lib.TrainConfig) -> bool:
+    return step % tcfg.log_every == 0 or step == tcfg.steps
+
+
+def write_metrics(group: Group, logs: dict, step: int, step_metrics: dict) -> None:
+    """Split the stacked metrics (one device_get) into each member's metrics.jsonl line."""
+    if not loop.is_main():
+        return
+    host = jax.device_get(step_metrics)
+    for i, m in enumerate(group.members):
+        logs[m.name].maybe_write(step, {k: v[i] for k, v in host.items()}, tokens=step * m.cfg.train.batch_size)
+
+
+def finish_group(group: Group, wall: float, loader) -> dict[str, dict]:
+    """Each member's sae/ and summary.json, as ``loop.train`` writes them for a single run."""
+    out = {}
+    for i, m in enumerate(group.members):
+        run = dataclasses.replace(group.run, cfg=m.cfg)
+        workdir = Path(m.cfg.train.workdir)
+        state = member_state(group, i)
+        model = loop.save_trained(run, state, workdir)
+        summary = loop.final_summary(run, model, wall, int(state.step), loader)
+        if loop.is_main():
+            (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        out[m.name] = summary
+    return out
+
+
+def _progress(total: int, start: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="sweep", unit="step", dynamic_ncols=True)
