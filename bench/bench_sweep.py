@@ -4,7 +4,8 @@
 
 Makes a synthetic store (or uses --store), then trains the same K configs (K sparsity
 coefficients, log-spaced) twice:
-  sweep:      `sae_jax.sweep.sweep` — every member stacked, one vmapped jitted step per batch;
+  sweep:      `sae_jax.sweep.sweep` — every member stacked, one jitted step per batch (vmapped
+              over --vmap-size members at a time; 0 = auto);
   sequential: `sae_jax.train.loop.train` once per member, one after another in this process
               (each compiles its own step; separate jobs would also pay K interpreter starts).
 Prints, for each: total wall time (compile, train, save, held-out eval), the training-loop wall
@@ -73,7 +74,8 @@ def run_sweep(args, store: Path, root: Path) -> dict:
     """The sweep, less the syscall reads of drawing its report (matplotlib rereads its font files on every
     savefig), measured by drawing it once more."""
     grid = "sweep.sparsity.coefficient=[" + ",".join(map(str, coefficients(args.members))) + "]"
-    cfg = config_lib.load_config(None, [*overrides(args, store, root / "sweep"), grid], resolve_recipe=False)
+    cfg = config_lib.load_config(None, [*overrides(args, store, root / "sweep"), grid,
+                                        f"sweep.vmap_size={args.vmap_size}"], resolve_recipe=False)
     m = measure(lambda: sweep(cfg))
     drawing = measure(lambda: write_report([root / "sweep"], root / "sweep"))
     if m["read_bytes"] is not None:
@@ -115,6 +117,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--tokens", type=int, default=262144, help="rows of the synthetic store")
     p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--vmap-size", type=int, default=0, help="sweep.vmap_size (0 = auto: 1 on CPU, K elsewhere)")
     p.add_argument("--store", help="use this store instead of making a synthetic one")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
@@ -138,7 +141,7 @@ def main() -> None:
         diff = max(abs(seq["result"][k]["fvu"] - swp["result"][k]["fvu"]) for k in swp["result"])
     speed = rows[0]["wall_s"] / rows[1]["wall_s"]
     print(f"K={args.members} {args.architecture} d_model={store.d_model} d_sae={args.d_sae} steps={args.steps} "
-          f"batch={args.batch_size}: sweep is {speed:.2f}x faster in wall time "
+          f"batch={args.batch_size} sweep.vmap_size={args.vmap_size}: sweep is {speed:.2f}x faster in wall time "
           f"({rows[0]['train_loop_s'] / rows[1]['train_loop_s']:.2f}x in the training loop), reads "
           f"{rows[0]['loader_tokens'] / rows[1]['loader_tokens']:.2f}x fewer loader tokens; max |FVU sweep - "
           f"sequential| = {diff:.2e}")

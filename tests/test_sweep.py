@@ -68,14 +68,25 @@ def test_grid_config_errors_name_the_key(tmp_path, capsys):
     assert "sweep member 'architecture-topk'" in capsys.readouterr().err
 
 
+def test_vmap_size_chooses_vmap_or_a_lax_map_loop(small_store, tmp_path):
+    x = small_store.read(0, 256)
+    for size, looped in [(2, False), (1, True), (0, True)]:  # 0 = auto: a loop on CPU
+        cfg = _sweep_cfg(small_store, tmp_path, "sweep.sparsity.coefficient=[0.05,0.2]", f"sweep.vmap_size={size}")
+        group = sweep_lib.build_group(0, sweep_lib.expand(cfg), cfg.sweep)
+        assert group.state.params["W_enc"].shape == (2, 32, 64)
+        assert ("while" in group.step.lower(group.state, x).as_text()) == looped
+
+
 # --------------------------------------------------------------------------- member == single run
 @pytest.fixture(scope="module")
 def pair(small_store, tmp_path_factory):
-    """A 2-member sweep (two coefficients) and the two single runs of the same configs."""
+    """A 2-member sweep (two coefficients), vmapped and looped (lax.map), and the two single runs."""
     root = tmp_path_factory.mktemp("pair")
     extra = ("train.steps=100", "train.log_every=25")
-    grid = "sweep.sparsity.coefficient=[0.05,0.2]"
-    summaries = sweep_lib.sweep(_sweep_cfg(small_store, root / "sweep", *extra, grid))
+    summaries = {}
+    for name, vmap_size in [("sweep", 2), ("looped", 1)]:
+        grid = ("sweep.sparsity.coefficient=[0.05,0.2]", f"sweep.vmap_size={vmap_size}")
+        summaries[name] = sweep_lib.sweep(_sweep_cfg(small_store, root / name, *extra, *grid))
     singles = {}
     for name, coefficient in [("coefficient-0.05", 0.05), ("coefficient-0.2", 0.2)]:
         cfg = config_lib.load_config(None, _overrides(small_store, root / name, *extra,
@@ -85,8 +96,10 @@ def pair(small_store, tmp_path_factory):
     return root / "sweep", summaries, singles
 
 
-def test_two_member_sweep_equals_two_single_runs(pair):
+@pytest.mark.parametrize("kind", ["sweep", "looped"])
+def test_two_member_sweep_equals_two_single_runs(pair, kind):
     sweep_dir, summaries, singles = pair
+    sweep_dir, summaries = sweep_dir.parent / kind, summaries[kind]
     for name, single in singles.items():
         member = sweep_dir / "members" / name
         a, b = api.load(member), api.load(single)
@@ -163,6 +176,23 @@ def test_grid_of_jobs_one_group_each_then_the_report_joins_them(small_store, tmp
     assert sorted(r["architecture"] for r in json.loads((workdir / report.JSON_FILE).read_text())) == ["relu", "topk"]
 
 
+def test_two_process_sweep_with_members_on_different_processes(small_store, tmp_path):
+    workdir = tmp_path / "mp"
+    env = dict(os.environ, SAE_JAX_CMD="sweep", PYTHON=sys.executable, LOG_DIR=str(tmp_path / "logs"))
+    (tmp_path / "base.yaml").write_text("seed: 0\n")
+    args = [str(ROOT / "launch" / "local.sh"), "2", str(tmp_path / "base.yaml"),
+            *_overrides(small_store, workdir, "train.steps=20", "train.log_every=10",
+                        "sweep.sparsity.coefficient=[0.05,0.2]", "sweep.shard=true")]
+    proc = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.log")))
+    assert proc.returncode == 0, proc.stderr[-2000:] + logs[-3000:]
+    rows = report.collect([workdir])
+    assert [r["name"] for r in rows] == ["mp/coefficient-0.05", "mp/coefficient-0.2"]
+    assert all(0 < r["fvu"] < 1 for r in rows) and rows[0]["l0"] > rows[1]["l0"]
+    for r in rows:
+        assert len((Path(r["workdir"]) / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 # --------------------------------------------------------------------------- members on different devices
 SHARDED = textwrap.dedent("""
     import json, sys
@@ -175,7 +205,7 @@ SHARDED = textwrap.dedent("""
             "train.batch_size=256", "train.steps=20", "train.progress=false", "train.eval_tokens=2048",
             "mesh.data=2", "mesh.model=2", f"sweep.shard={shard}", "sweep.sparsity.coefficient=[0.05,0.2]"],
             resolve_recipe=False)
-        group = S.build_group(0, S.expand(cfg), shard == "true")
+        group = S.build_group(0, S.expand(cfg), cfg.sweep)
         specs[shard] = [list(group.state.params[k].sharding.spec) for k in ("W_enc", "b_dec")]
         S.sweep(cfg)
         names = ("coefficient-0.05", "coefficient-0.2")

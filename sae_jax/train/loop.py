@@ -176,7 +176,7 @@ def train(cfg: config_lib.Config, fresh: bool = False) -> dict:
 
     # --- outputs: folded parameters and the held-out evaluation
     model = save_trained(run, state, workdir)
-    summary = final_summary(run, model, wall, int(state.step), loader)
+    summary = final_summary(run, model, wall, int(state.step), loader, resumed_from=start.step)
     if is_main():
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -218,8 +218,9 @@ def save_trained(run: Run, state: TrainState, workdir: Path) -> api.TrainedSAE:
     return api.TrainedSAE(run.sae, params, stats, meta)
 
 
-def final_summary(run: Run, model: api.TrainedSAE, wall: float, steps: int, loader) -> dict:
-    """Held-out metrics (and MMCS against ground truth when the store has it)."""
+def final_summary(run: Run, model: api.TrainedSAE, wall: float, steps: int, loader, resumed_from: int = 0) -> dict:
+    """Held-out metrics (and MMCS against ground truth when the store has it); the speed counts only
+    the steps of this session (after ``resumed_from``)."""
     c = run.cfg
     batches = pipeline.iter_eval(run.store, batch_size=c.train.batch_size, split="holdout",
                                  max_tokens=c.train.eval_tokens or None, holdout_fraction=c.data.holdout_fraction,
@@ -227,7 +228,8 @@ def final_summary(run: Run, model: api.TrainedSAE, wall: float, steps: int, load
     result = evaluate(model, batches, ground_truth_of(run.store))
     tokens = steps * c.train.batch_size
     result |= {"steps": steps, "train_tokens": tokens, "train_seconds": wall,
-               "train_tokens_per_s": tokens / max(wall, 1e-9), "architecture": c.model.architecture,
+               "train_tokens_per_s": (steps - resumed_from) * c.train.batch_size / max(wall, 1e-9),
+               "resumed_from_step": resumed_from, "architecture": c.model.architecture,
                "d_sae": c.model.d_sae, "skipped_rows": loader.skipped_rows}
     return result
 
