@@ -2,7 +2,8 @@
 
 The only module that imports orbax. A checkpoint (one orbax step directory) holds three items:
 
-- ``state``: the TrainState (step, params, opt_state, stats, rng, hparams) as sharded arrays;
+- ``state``: the TrainState (step, params, opt_state, stats, rng, hparams) as sharded arrays (any
+  pytree of arrays: a sweep saves ``{group: stacked TrainState}``);
 - ``digest``: a position-weighted checksum per leaf of the state (orbax's array files carry no
   checksum, so a flipped byte would otherwise restore silently);
 - ``meta``: one JSON file per process with that process's data-iterator (grain) state, the
@@ -58,7 +59,7 @@ ITEMS = ("state", "digest", "meta")
 
 # Config keys a resumed run may change (reported); every other change is refused.
 SAFE_KEYS = ("train.steps", "train.log_every", "train.progress", "train.eval_tokens", "train.workdir", "checkpoint.",
-             "mesh.", "distributed.", "data.store")
+             "mesh.", "distributed.", "data.store", "sweep.shard", "sweep.vmap_size")
 # Keys whose default is derived from train.steps: when only train.steps changed they keep the saved value.
 STEP_DERIVED = ("optim.warmup_steps", "sparsity.warmup_steps")
 
@@ -382,8 +383,9 @@ class Restored:
     """Steps already taken (0 for a fresh start)."""
     data_state: dict | None = None
     """This process's data-iterator state, or None for a fresh start."""
-    config: config_lib.Config | None = None
-    """The config to run with (the new one, with step-derived fields kept from the checkpoint)."""
+    config: Any = None
+    """The config to run with (the new one, with step-derived fields kept from the checkpoint), or what
+    ``restore_or_init``'s ``check`` returned."""
     changes: list[str] = field(default_factory=list)
     """Accepted config changes, as 'key: old -> new'."""
 
@@ -394,17 +396,19 @@ class Restored:
 
 
 def restore_or_init(ckpts: Checkpoints, init: Callable[[], Any], abstract_state: Any, cfg: config_lib.Config,
-                    store_identity: str) -> Restored:
+                    store_identity: str, check: Callable[..., tuple[Any, list[str]]] | None = None) -> Restored:
     """The newest good checkpoint, checked against ``cfg``, or ``init()`` if there is none.
 
     ``abstract_state`` carries the target shardings (of the current mesh), so a checkpoint written
     on one mesh restores onto another. Unusable steps are reported and moved aside; a refused
-    config change raises ConfigError naming the key.
+    config change raises ConfigError naming the key. ``check(meta, cfg, store_identity, step)``
+    replaces ``reconcile`` (e.g. a sweep also checks each member's config).
     """
+    check = check or reconcile
     for step in ckpts.steps():
         try:
             meta = ckpts.read_meta(step)
-            new_cfg, changes = reconcile(meta, cfg, store_identity, step)
+            new_cfg, changes = check(meta, cfg, store_identity, step)
             state = ckpts.read_state(step, abstract_state)
             ok, why = True, ""
         except ProcessCountMismatch as e:

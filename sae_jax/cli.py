@@ -75,8 +75,9 @@ def _cmd_sweep(args) -> int:
     from sae_jax.sweep import sweep
 
     # Unresolved: each member takes its own architecture's recipe defaults.
-    cfg = config_lib.load_config(args.config, args.overrides, resolve_recipe=False)
-    summaries = sweep(cfg)
+    fresh = args.fresh or "--fresh" in args.overrides  # also accepted after the config file
+    cfg = config_lib.load_config(args.config, [o for o in args.overrides if o != "--fresh"], resolve_recipe=False)
+    summaries = sweep(cfg, fresh=fresh)
     out = Path(cfg.train.workdir)
     if jax.process_index() != 0:  # process 0 writes the report; the others need not wait for it
         return 0
@@ -250,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Members of one architecture and shape are stacked and trained by one jitted "
                                    "step (vmapped; see sweep.vmap_size); each gets WORKDIR/members/NAME/ like a single run, and WORKDIR gets "
                                    "sweep_summary.csv/.json and pareto.png. sweep.group=I trains group I only.")
+    w.add_argument("--fresh", action="store_true", help="start over: delete this job's checkpoints (by default "
+                   "a sweep resumes from its newest good checkpoint; SIGTERM saves one and exits with status 143)")
     w.add_argument("config", help="YAML config file (its sweep.grid, plus the overrides)")
     w.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted key=value overrides; sweep.KEY=[a,b] adds a "
                                                                "grid axis")

@@ -26,8 +26,14 @@ sees the same batches in the same order, so it equals ``train(members/NAME/confi
 to float32 rounding of the batched matmuls. Its summary's ``train_seconds`` is the whole
 sweep's training time (the members share it).
 
-Checkpoints: the state of a sweep is one pytree, ``{group index: stacked TrainState}``, plus
-the one loader's state; ``member_state`` slices a member out of it.
+Checkpoints (``sae_jax.checkpoint``, as for a single run: every ``checkpoint.every`` steps, at the
+end, and on SIGTERM/SIGINT with exit status 143): the state of a sweep is one pytree,
+``{'group-I': stacked TrainState}``, saved with the one loader's state, the sweep's config and every
+member's resolved config. ``sae-jax sweep`` run again resumes the whole sweep from the newest good
+checkpoint (``--fresh`` starts over) and each member ends bit-identical to an uninterrupted sweep.
+A job of one group (``sweep.group=I``) keeps its own checkpoints in ``checkpoints-group-I``, beside
+the whole sweep's ``checkpoints``, so the jobs of a grid of jobs resume independently.
+``member_state`` and ``read_member`` slice a member out of the state.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ import jax
 import numpy as np
 import yaml
 
-from sae_jax import api, report, sharding
+from sae_jax import api, checkpoint, report, sharding
 from sae_jax import config as config_lib
 from sae_jax.config import Config, ConfigError
 from sae_jax.data import pipeline
@@ -83,10 +89,19 @@ class Group:
     """The store, architecture, optimizer, schedules and mesh the members share."""
     shardings: Any
     """NamedShardings of the stacked state (leading axis: ``sweep``)."""
-    state: TrainState
+    state: TrainState | None
     """Every leaf has a leading axis of len(members); one pytree, saved and restored as one."""
     step: Callable
     """(stacked state, batch) -> (stacked state, metrics [len(members)] each)."""
+    init: Callable[[], TrainState]
+    """The fresh stacked state, born sharded."""
+    abstract: TrainState
+    """Shapes, dtypes and shardings of the stacked state: what a checkpoint restores into."""
+
+    @property
+    def key(self) -> str:
+        """The group's name in the checkpointed state: 'group-I'."""
+        return f"group-{self.index}"
 
 
 # --------------------------------------------------------------------------- the plan
@@ -161,17 +176,18 @@ def plan_doc(cfg: Config, groups: list[list[Member]]) -> dict:
 
 
 # --------------------------------------------------------------------------- a group's state and step
-def build_group(index: int, members: list[Member], settings: config_lib.SweepConfig) -> Group:
-    """Prepare the shared run, init the stacked state (born sharded) and jit the stacked step.
+def build_group(index: int, members: list[Member], settings: config_lib.SweepConfig, init: bool = True) -> Group:
+    """Prepare the shared run, jit the stacked step and (if ``init``) init the stacked state, born sharded.
 
     ``settings`` is the sweep's own section (the members' configs carry none)."""
     run = loop.prepare(members[0].cfg)
     members = [dataclasses.replace(m, cfg=config_lib.with_d_model(m.cfg, run.store.d_model)) for m in members]
     rules = sharding.sweep_rules(settings.shard)
     _check_divisible(run, rules, len(members))
-    state, shardings = init_stacked(run, members, rules)
+    init_fn, abstract, shardings = init_stacked(run, members, rules)
     chunk = len(members) if settings.shard else vmap_size(settings.vmap_size, len(members))
-    return Group(index, members, run, shardings, state, compile_stacked_step(run, shardings, chunk))
+    return Group(index, members, run, shardings, init_fn() if init else None,
+                 compile_stacked_step(run, shardings, chunk), init_fn, abstract)
 
 
 def vmap_size(requested: int, n_members: int) -> int:
@@ -196,9 +212,9 @@ def stacked_shardings(run: loop.Run, abstract: TrainState, rules) -> Any:
     return sharding.named(run.mesh, specs)
 
 
-def init_stacked(run: loop.Run, members: list[Member], rules) -> tuple[TrainState, Any]:
-    """The members' fresh states stacked; each one is what ``loop.init_train_state`` gives its config
-    (``model.init_from`` included: the group shares it)."""
+def init_stacked(run: loop.Run, members: list[Member], rules) -> tuple[Callable[[], TrainState], TrainState, Any]:
+    """(init, abstract state, shardings): ``init()`` gives the members' fresh states stacked, each one what
+    ``loop.init_train_state`` gives its config (``model.init_from`` included: the group shares it)."""
     sample = run.store.read(0, min(loop.INIT_SAMPLE_ROWS, run.store.n_tokens)) * run.scale
     key = jax.random.key(run.cfg.seed)
     lr = np.asarray([m.cfg.optim.lr for m in members], np.float32)
@@ -218,7 +234,8 @@ def init_stacked(run: loop.Run, members: list[Member], rules) -> tuple[TrainStat
 
     abstract = jax.eval_shape(init, key, sample, lr, coefficient, start)
     shardings = stacked_shardings(run, abstract, rules)
-    return jax.jit(init, out_shardings=shardings)(key, sample, lr, coefficient, start), shardings
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return (lambda: jax.jit(init, out_shardings=shardings)(key, sample, lr, coefficient, start)), abstract, shardings
 
 
 def compile_stacked_step(run: loop.Run, shardings: Any, chunk: int) -> Callable:
@@ -247,52 +264,168 @@ def _taker(mesh: jax.sharding.Mesh) -> Callable:
 
 
 # --------------------------------------------------------------------------- the loop
-def sweep(cfg: Config) -> dict[str, dict]:
+def sweep(cfg: Config, fresh: bool = False) -> dict[str, dict]:
     """Train every member of ``cfg.sweep.grid`` (or of group ``sweep.group``) on one data stream.
 
-    Returns {member name: the summary written to its summary.json}; also writes the report
-    over every finished member of WORKDIR (so the last job of a grid of jobs joins them).
+    Resumes from the newest good checkpoint of this job unless ``fresh`` (which deletes them); on
+    SIGTERM/SIGINT it saves a checkpoint and raises ``checkpoint.Preempted``. Returns {member name:
+    the summary written to its summary.json}; also writes the report over every finished member of
+    WORKDIR (so the last job of a grid of jobs joins them).
     """
-    members = expand(cfg)
-    all_groups = group_members(members)
-    groups = [build_group(i, g, cfg.sweep) for i, g in select(all_groups, cfg.sweep.group)]
-    workdir = Path(cfg.train.workdir)
+    all_groups = group_members(expand(cfg))
+    groups = [build_group(i, g, cfg.sweep, init=False) for i, g in select(all_groups, cfg.sweep.group)]
+    first = groups[0].run
+    ckpts = checkpoint.Checkpoints(checkpoint_dir(cfg), cfg.checkpoint.every, cfg.checkpoint.keep,
+                                   sharding.replicated(first.mesh), fresh=fresh)
+
+    # --- state and data: from the newest good checkpoint, or fresh
+    start = checkpoint.restore_or_init(ckpts, lambda: {g.key: g.init() for g in groups},
+                                       {g.key: g.abstract for g in groups}, cfg, first.store.identity,
+                                       check=functools.partial(reconcile, groups=groups))
+    if start.resumed:
+        cfg, groups = start.config[0], rebuild(groups, start.config[1], cfg.sweep)
+    for g in groups:
+        g.state = start.state[g.key]
     if loop.is_main():
         write_plan(cfg, all_groups, groups)
-
-    # --- data: one loader, one global batch for every group
-    first = groups[0].run
     loader = loop.make_loader(first)
-    batch_sharding = sharding.batch_sharding(first.mesh)
-    logs = {m.name: member_log(m) for g in groups for m in g.members}
+    if start.resumed:
+        loader.set_state(start.data_state)
+        report_resume(cfg, groups, start, ckpts)
 
-    # --- the loop
-    steps, start = cfg.train.steps, int(groups[0].state.step[0])
-    bar = _progress(steps, start) if cfg.train.progress and loop.is_main() else None
-    t_start = time.perf_counter()
-    for step in range(start, steps):
-        x = pipeline.to_global(next(loader), batch_sharding)
-        for g in groups:
-            g.state, step_metrics = g.step(g.state, x)
-            if _is_log_step(step + 1, cfg.train):
-                write_metrics(g, logs, step + 1, step_metrics)
-        if bar is not None:
-            bar.update(1)
-    jax.block_until_ready([g.state for g in groups])
-    wall = time.perf_counter() - t_start
-    for log in logs.values():
-        log.close()
-    if bar is not None:
-        bar.close()
+    # --- the loop (a checkpoint every checkpoint.every steps, at the end, and on preemption)
+    wall = train_groups(cfg, groups, loader, ckpts, start.step)
 
     # --- outputs: each member's work directory, then the report
     summaries = {}
     for g in groups:
-        summaries |= finish_group(g, wall, loader)
+        summaries |= finish_group(g, wall, loader, start.step)
     loader.close()
     if loop.is_main():
-        report.write_report([workdir], workdir)
+        report.write_report([Path(cfg.train.workdir)], Path(cfg.train.workdir))
     return summaries
+
+
+def train_groups(cfg: Config, groups: list[Group], loader, ckpts: checkpoint.Checkpoints, start: int) -> float:
+    """Step every group on each global batch from step ``start`` to ``train.steps``; the wall time."""
+    batch_sharding = sharding.batch_sharding(groups[0].run.mesh)
+    logs = {m.name: member_log(m, start) for g in groups for m in g.members}
+    bar = _progress(cfg.train.steps, start) if cfg.train.progress and loop.is_main() else None
+    preemption = checkpoint.PreemptionWatch()
+    t_start = time.perf_counter()
+    try:
+        for step in range(start, cfg.train.steps):
+            x = pipeline.to_global(next(loader), batch_sharding)
+            done = step + 1
+            for g in groups:
+                g.state, step_metrics = g.step(g.state, x)
+                if _is_log_step(done, cfg.train):
+                    write_metrics(g, logs, done, step_metrics)
+            if bar is not None:
+                bar.update(1)
+            state = {g.key: g.state for g in groups}
+            if preemption.reached(done):
+                ckpts.save(done, state, checkpoint_meta(cfg, groups, loader, done))
+                ckpts.wait()
+                raise checkpoint.Preempted(done, ckpts.directory)
+            ckpts.maybe_save(done, cfg.train.steps, state, lambda done=done: checkpoint_meta(cfg, groups, loader, done))
+        ckpts.wait()
+    finally:
+        preemption.close()
+        for log in logs.values():
+            log.close()
+        if bar is not None:
+            bar.close()
+        ckpts.close()
+    jax.block_until_ready([g.state for g in groups])
+    return time.perf_counter() - t_start
+
+
+# --------------------------------------------------------------------------- checkpoints
+def checkpoint_dir(cfg: Config) -> Path:
+    """This job's checkpoints: a single run's directory (``checkpoint.dir`` or WORKDIR/checkpoints) for the
+    whole sweep, that name + '-group-I' for a job of group I (``sweep.group``)."""
+    base = checkpoint.checkpoint_dir(cfg)
+    return base if cfg.sweep.group == -1 else base.with_name(f"{base.name}-group-{cfg.sweep.group}")
+
+
+def checkpoint_meta(cfg: Config, groups: list[Group], loader, step: int) -> dict:
+    """The JSON part of a sweep's checkpoint: the loader state, the sweep's config, each group's members
+    and each member's resolved config (so a resume can check and keep them)."""
+    run = groups[0].run
+    return {"data": loader.get_state(), "config": config_lib.to_dict(cfg), "scale": run.scale,
+            "store": run.store.identity, "tokens": step * cfg.train.batch_size,
+            "groups": {g.key: [m.name for m in g.members] for g in groups},
+            "members": {m.name: config_lib.to_dict(m.cfg) for g in groups for m in g.members}}
+
+
+def reconcile(meta: dict, cfg: Config, store_identity: str, step: int, groups: list[Group]
+              ) -> tuple[tuple[Config, dict[str, Config]], list[str]]:
+    """((the sweep's config, {member: config}) to resume with, accepted changes); ConfigError if refused.
+
+    ``checkpoint.reconcile`` on the sweep's config and then on each member's, so a member keeps its
+    saved step-derived warmups when only ``train.steps`` changed, as a single run does. A different
+    set of groups or members (another grid) is refused before any array is read."""
+    new_cfg, changes = checkpoint.reconcile(meta, cfg, store_identity, step)
+    saved, now = meta.get("groups"), {g.key: [m.name for m in g.members] for g in groups}
+    if saved != now:
+        raise ConfigError(f"config key 'sweep.grid' gives the groups {now} but the checkpoint of step {step} holds "
+                          f"{saved}; restore the old grid, or pass --fresh to start over.")
+    configs = {}
+    for m in (m for g in groups for m in g.members):
+        try:
+            configs[m.name], member_changes = checkpoint.reconcile(
+                dict(meta, config=meta["members"][m.name]), m.cfg, store_identity, step)
+        except ConfigError as e:
+            raise ConfigError(f"sweep member '{m.name}': {e}") from None
+        changes += [f"{c} (member {m.name})" for c in member_changes if c not in changes]
+    return (new_cfg, configs), changes
+
+
+def rebuild(groups: list[Group], configs: dict[str, Config], settings: config_lib.SweepConfig) -> list[Group]:
+    """The groups again if a resume changed any member's config (kept warmups), else the same groups."""
+    if all(configs[m.name] == m.cfg for g in groups for m in g.members):
+        return groups
+    return [build_group(g.index, [dataclasses.replace(m, cfg=configs[m.name]) for m in g.members], settings,
+                        init=False) for g in groups]
+
+
+def report_resume(cfg: Config, groups: list[Group], start: checkpoint.Restored,
+                  ckpts: checkpoint.Checkpoints) -> None:
+    """Say where the sweep resumes; cut each member's metrics.jsonl back to the restored step."""
+    if not loop.is_main():
+        return
+    tokens = start.step * cfg.train.batch_size
+    print(f"resuming from step {start.step} ({tokens:,} tokens) of {ckpts.directory}", flush=True)
+    for change in start.changes:
+        print(f"  accepted config change {change}", flush=True)
+    for m in (m for g in groups for m in g.members):
+        _cut_log(Path(m.cfg.train.workdir) / "metrics.jsonl", start.step)
+
+
+def _cut_log(path: Path, step: int) -> None:
+    """Keep the lines of metrics.jsonl up to ``step`` (a killed sweep wrote past it, maybe half a line)."""
+    if not path.is_file():
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            rows.append(line + "\n")
+    path.write_text("".join(rows))
+
+
+def read_member(directory: str | Path, name: str, step: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Member ``name``'s slice of a sweep checkpoint as ``checkpoint.read_host`` gives a single run's
+    ('params/W_enc', 'opt_state/0/mu/W_enc', ...), and the meta item. For inspection and tests."""
+    arrays, meta = checkpoint.read_host(directory, step)
+    key, members = next((k, v) for k, v in meta["groups"].items() if name in v)
+    i = members.index(name)
+    prefix = key + "/"
+    return {k[len(prefix):]: a[i] for k, a in arrays.items() if k.startswith(prefix)}, meta
 
 
 def write_plan(cfg: Config, all_groups: list[list[Member]], groups: list[Group]) -> None:
@@ -309,10 +442,11 @@ def write_plan(cfg: Config, all_groups: list[list[Member]], groups: list[Group])
             config_lib.save_config(m.cfg, Path(m.cfg.train.workdir) / "config.yaml")
 
 
-def member_log(member: Member) -> loop.MetricsLog:
-    """The member's metrics.jsonl (no per-member progress bar: the sweep has one)."""
+def member_log(member: Member, start_step: int = 0) -> loop.MetricsLog:
+    """The member's metrics.jsonl, continued after ``start_step`` (no per-member progress bar: the sweep has one)."""
     tcfg = dataclasses.replace(member.cfg.train, progress=False)
-    return loop.MetricsLog(Path(member.cfg.train.workdir) / "metrics.jsonl", tcfg, enabled=loop.is_main())
+    return loop.MetricsLog(Path(member.cfg.train.workdir) / "metrics.jsonl", tcfg, enabled=loop.is_main(),
+                           start_step=start_step)
 
 
 def _is_log_step(step: int, tcfg: config_lib.TrainConfig) -> bool:
@@ -328,7 +462,7 @@ def write_metrics(group: Group, logs: dict, step: int, step_metrics: dict) -> No
         logs[m.name].maybe_write(step, {k: v[i] for k, v in host.items()}, tokens=step * m.cfg.train.batch_size)
 
 
-def finish_group(group: Group, wall: float, loader) -> dict[str, dict]:
+def finish_group(group: Group, wall: float, loader, resumed_from: int = 0) -> dict[str, dict]:
     """Each member's sae/ and summary.json, as ``loop.train`` writes them for a single run."""
     out = {}
     for i, m in enumerate(group.members):
@@ -336,7 +470,7 @@ def finish_group(group: Group, wall: float, loader) -> dict[str, dict]:
         workdir = Path(m.cfg.train.workdir)
         state = member_state(group, i)
         model = loop.save_trained(run, state, workdir)
-        summary = loop.final_summary(run, model, wall, int(state.step), loader)
+        summary = loop.final_summary(run, model, wall, int(state.step), loader, resumed_from=resumed_from)
         if loop.is_main():
             (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
         out[m.name] = summary

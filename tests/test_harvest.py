@@ -32,7 +32,18 @@ T = 32
 SMOL = dict(hooks=HOOKS, tokens=16 * T, context=T, batch_size=4, buffer_contexts=8, seed=3, rows_per_chunk=32,
             rows_per_shard=64, model_spec="smollm2", progress=False)
 
-KILL_SCRIPT = """
+# Subprocesses block the network too: only loopback connections (the jax.distributed coordinator) pass.
+GUARD = """
+import socket
+_connect = socket.socket.connect
+def _local_only(self, address, *args):
+    if isinstance(address, tuple) and address[0] not in ("127.0.0.1", "localhost", "::1"):
+        raise OSError("network access is blocked in tests")
+    return _connect(self, address, *args)
+socket.socket.connect = _local_only
+"""
+CLI_SCRIPT = GUARD + "import sys\nfrom sae_jax import cli\nsys.exit(cli.main(sys.argv[1:]))\n"
+KILL_SCRIPT = GUARD + """
 import sys, time
 from pathlib import Path
 from sae_jax import harvest
@@ -195,7 +206,7 @@ def test_two_process_harvest_holds_the_same_rows(tiny, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
-    procs = [subprocess.Popen([sys.executable, "-m", "sae_jax", *harvest_args(tmp_path / "two", tiny),
+    procs = [subprocess.Popen([sys.executable, "-c", CLI_SCRIPT, *harvest_args(tmp_path / "two", tiny),
                                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(p)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for p in range(2)]
