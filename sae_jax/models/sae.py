@@ -209,7 +209,7 @@ class GatedSAE(SAE):
     def init(self, key, sample=None):
         p = super().init(key, sample)
         b = p.pop("b_enc")
-        return dict(p, b_gate=b, b_mag=b, r_mag=jnp.zeros_like(b))
+        return dict(p, b_gate=b, b_mag=jnp.zeros_like(b), r_mag=jnp.zeros_like(b))
 
     def gate_and_mag(self, params: Params, x: jax.Array):
         """pi_gate = (x - b_dec) W_gate + b_gate; pi_mag = (x - b_dec)(W_gate * exp(r_mag)) + b_mag."""
