@@ -90,7 +90,8 @@ def saelens_tokens_per_s(arch: str, b: int, d: int, m: int, steps: int) -> float
 
     def one():
         out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={"l1": 1.0, "l0": 1.0},
-                                                       dead_neuron_mask=dead, n_training_steps=0))
+                                                       dead_neuron_mask=dead, n_training_steps=0,
+                                                       is_logging_step=False))
         out.loss.backward()
         opt.step()
         opt.zero_grad()
