@@ -20,7 +20,7 @@ Typical session:
   sae-jax synth runs/synth --d-model 128 --n-features 512 --n-tokens 1000000
   sae-jax train configs/demo.yaml train.workdir=runs/demo
   sae-jax eval runs/demo --data runs/synth
-Config fields are documented in sae_jax/config.py (and `sae-jax config --help`)."""
+Every config field is documented in sae_jax/config.py; see README.md."""
 
 
 def _cmd_train(args) -> int:
