@@ -18,8 +18,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from sae_jax.config import load_config, with_d_model
 from sae_jax.models.sae import make_sae
@@ -68,10 +66,18 @@ def saelens_tokens_per_s(arch: str, b: int, d: int, m: int, steps: int) -> float
     """SAELens's training_forward_pass + backward + Adam step, CPU threads as available."""
     try:
         import torch
-        from sae_lens import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, GatedTrainingSAE,
-                              GatedTrainingSAEConfig, JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig,
-                              StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE,
-                              TopKTrainingSAEConfig)
+        from sae_lens import (
+            BatchTopKTrainingSAE,
+            BatchTopKTrainingSAEConfig,
+            GatedTrainingSAE,
+            GatedTrainingSAEConfig,
+            JumpReLUTrainingSAE,
+            JumpReLUTrainingSAEConfig,
+            StandardTrainingSAE,
+            StandardTrainingSAEConfig,
+            TopKTrainingSAE,
+            TopKTrainingSAEConfig,
+        )
         from sae_lens.saes.sae import TrainStepInput
     except ImportError:
         return None

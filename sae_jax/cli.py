@@ -114,7 +114,8 @@ def _cmd_eval(args) -> int:
     import numpy as np
 
     from sae_jax import api
-    from sae_jax.data import pipeline, store as store_lib
+    from sae_jax.data import pipeline
+    from sae_jax.data import store as store_lib
     from sae_jax.evaluate import evaluate
 
     model = api.load(args.workdir)
@@ -249,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train every point of sweep.grid in one job: e.g. "
                                    "sweep.sparsity.coefficient=[1e-4,3e-4,1e-3] sweep.model.architecture=[relu,gated]. "
                                    "Members of one architecture and shape are stacked and trained by one jitted "
-                                   "step (vmapped; see sweep.vmap_size); each gets WORKDIR/members/NAME/ like a single run, and WORKDIR gets "
+                                   "step (vmapped; see sweep.vmap_size); each gets WORKDIR/members/NAME/ like a single "
+                                   "run, and WORKDIR gets "
                                    "sweep_summary.csv/.json and pareto.png. sweep.group=I trains group I only.")
     w.add_argument("--fresh", action="store_true", help="start over: delete this job's checkpoints (by default "
                    "a sweep resumes from its newest good checkpoint; SIGTERM saves one and exits with status 143)")

@@ -373,9 +373,8 @@ def _coerce(key: str, typ, value: Any) -> Any:
     elif typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    elif typ is list or typing.get_origin(typ) is list:
-        if isinstance(value, list):
-            return value
+    elif (typ is list or typing.get_origin(typ) is list) and isinstance(value, list):
+        return value
     tname = getattr(typ, "__name__", str(typ))
     raise ConfigError(f"config key '{key}' expects {tname}, got {value!r}.")
 

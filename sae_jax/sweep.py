@@ -215,7 +215,8 @@ def stacked_shardings(run: loop.Run, abstract: TrainState, rules) -> Any:
 def init_stacked(run: loop.Run, members: list[Member], rules) -> tuple[Callable[[], TrainState], TrainState, Any]:
     """(init, abstract state, shardings): ``init()`` gives the members' fresh states stacked, each one what
     ``loop.init_train_state`` gives its config (``model.init_from`` included: the group shares it)."""
-    sample = run.store.read(0, min(loop.INIT_SAMPLE_ROWS, run.store.n_tokens)) * run.scale
+    rows = min(loop.INIT_SAMPLE_ROWS, run.store.n_tokens)
+    sample = run.store.read(0, rows, site=run.cfg.data.site or None) * run.scale
     key = jax.random.key(run.cfg.seed)
     lr = np.asarray([m.cfg.optim.lr for m in members], np.float32)
     coefficient = np.asarray([m.cfg.sparsity.coefficient for m in members], np.float32)

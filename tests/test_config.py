@@ -17,7 +17,7 @@ def test_overrides_and_recipe_defaults(tmp_path):
 
 def test_architecture_alone_changes_recipe():
     jr = C.load_config(None, ["model.architecture=jumprelu"])
-    assert (jr.sparsity.penalty, jr.optim.beta1, jr.model.jumprelu_eps) == ("l0", 0.0, 1e-3)
+    assert (jr.sparsity.penalty, jr.optim.beta1, jr.model.jumprelu_eps) == ("l0", 0.0, 1e-2)
     assert jr.model.apply_b_dec_to_input is False
     gated = C.load_config(None, ["model.architecture=gated", "optim.beta1=0.5"])
     assert gated.optim.beta1 == 0.5 and gated.model.aux_coefficient == 1.0

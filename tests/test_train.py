@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae_jax import api, cli, config as config_lib
+from sae_jax import api, cli
+from sae_jax import config as config_lib
 from sae_jax.models.sae import make_sae
 from sae_jax.train import step as step_lib
 from sae_jax.train.loop import train

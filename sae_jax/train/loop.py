@@ -14,8 +14,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sae_jax import api, checkpoint, config as config_lib, sharding
-from sae_jax.data import pipeline, store as store_lib
+from sae_jax import api, checkpoint, sharding
+from sae_jax import config as config_lib
+from sae_jax.data import pipeline
+from sae_jax.data import store as store_lib
 from sae_jax.evaluate import evaluate
 from sae_jax.models.sae import SAE, make_sae
 from sae_jax.train import step as step_lib
@@ -58,7 +60,8 @@ def prepare(cfg: config_lib.Config) -> Run:
     tx = step_lib.optimizer(o.beta1, o.beta2, o.grad_clip)
     lr_schedule = step_lib.lr_factor(o.warmup_steps, cfg.train.steps, o.decay, o.decay_fraction)
     coef = step_lib.coefficient_factor(cfg.sparsity.warmup_steps)
-    scale = float(1.0 / np.sqrt(store.norm_scalar)) if cfg.data.normalize else 1.0
+    norm = store.norm_scalars[store.site_name(cfg.data.site or None)]
+    scale = float(1.0 / np.sqrt(norm)) if cfg.data.normalize else 1.0
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
     sharding.check_divisible(mesh, cfg.train.batch_size, cfg.model.d_sae)
     return Run(cfg, store, sae, mesh, scale, tx, lr_schedule, coef)
@@ -71,7 +74,7 @@ def state_shardings(run: Run, abstract: TrainState):
 
 def _state_init(run: Run):
     """(init, key, sample): the state's initializer and its inputs."""
-    sample = run.store.read(0, min(INIT_SAMPLE_ROWS, run.store.n_tokens)) * run.scale
+    sample = run.store.read(0, min(INIT_SAMPLE_ROWS, run.store.n_tokens), site=run.cfg.data.site or None) * run.scale
     key = jax.random.key(run.cfg.seed)
 
     def init(key, sample):
