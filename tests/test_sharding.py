@@ -41,7 +41,11 @@ def tiny_config(store: str, arch: str, *extra: str) -> config_lib.Config:
     return config_lib.load_config(None, [
         f"data.store={store}", f"model.architecture={arch}", f"model.d_sae={D_SAE}", "model.k=4",
         f"train.batch_size={BATCH}", f"train.steps={STEPS}", "train.dead_tokens=64", "train.progress=false",
-        "optim.warmup_steps=1", "sparsity.warmup_steps=1", "model.init_b_dec=mean", *extra,
+        "optim.warmup_steps=1", "sparsity.warmup_steps=1", "model.init_b_dec=mean",
+        # sqrt(L1)'s gradient 1/(2 sqrt f) is unbounded as f -> 0+, so at the recipe's coefficient (0.2)
+        # reduction-order rounding on other meshes grows past float32 tolerance in Adam's first
+        # moments; a smaller coefficient keeps the comparison at float32 tolerance.
+        *(["sparsity.coefficient=0.03"] if arch == "prolu" else []), *extra,
     ])  # fmt: skip
 
 

@@ -15,6 +15,13 @@ W_dec [m, d], b_dec [d], ...):
 
 The training step, the sweep and the export need no per-architecture branches: they call
 these methods through ``make_sae``. No mesh or file is seen here.
+
+Speed: the encoder input x − b_dec is never formed where gradients flow
+(``act.encoder_pre``), so a dense step costs the 10·B·d·m FLOPs of its five matmuls and no
+[B, d] input cotangent; TopK and BatchTopK select, decode and differentiate sparsely
+(``act.sparse_encode``, ``act.decode_code``), leaving the encoder forward as their one dense
+matmul. Sources and choices per architecture are in the class docstrings and in
+shared/ALGORITHMS.md.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from sae_jax.models import init as init_lib
 Params = dict[str, jax.Array]
 Stats = dict[str, jax.Array]
 INT_CAP = 2**30  # tokens_since_fired saturates here (int32 counters)
+SQRT_L1_EPS = 1e-6  # ProLU's sqrt(f + eps): the author's eps, bounding the gradient at f -> 0
 
 
 class Output(NamedTuple):
@@ -47,7 +55,8 @@ class Output(NamedTuple):
     aux: jax.Array
     """Auxiliary loss, already weighted (gated's aux term, AuxK); 0 where none."""
     extras: dict[str, jax.Array]
-    """Architecture-specific values for ``update_stats`` (e.g. BatchTopK's smallest kept)."""
+    """Architecture-specific values for ``update_stats`` ('fired' [m] bool where the code is
+    sparse; BatchTopK's 'min_kept')."""
 
 
 def squared_error(x: jax.Array, x_hat: jax.Array) -> jax.Array:
@@ -73,7 +82,13 @@ def remove_parallel_grad(W: jax.Array, g: jax.Array) -> jax.Array:
 
 @dataclass(frozen=True)
 class SAE:
-    """Common parts: the ReLU SAE, which the other architectures specialise."""
+    """The ReLU SAE, whose common parts the other architectures specialise.
+
+    f = ReLU((x − b_dec) W_enc + b_enc), x̂ = f W_dec + b_dec, L = ‖x − x̂‖² + λ Σ_i f_i
+    (``l1``: Towards Monosemanticity, unit-norm decoder rows by gradient projection and
+    renormalization) or λ Σ_i f_i ‖W_dec,i‖ (``l1_decoder_norm``: Anthropic April 2024, free
+    decoder norms). dictionary_learning ``trainers/standard.py``; SAELens ``standard_sae.py``.
+    """
 
     d_model: int
     d_sae: int
@@ -123,13 +138,17 @@ class SAE:
         return {"tokens_since_fired": jnp.zeros((self.d_sae,), jnp.int32)}
 
     # ------------------------------------------------------------------ pieces
-    def centred(self, params: Params, x: jax.Array) -> jax.Array:
-        """The encoder input: x - b_dec (or x where the recipe does not subtract b_dec)."""
-        return x - params["b_dec"] if self.apply_b_dec_to_input else x
+    def input_bias(self, params: Params) -> jax.Array:
+        """What the encoder subtracts from x: b_dec, or zeros where the recipe does not."""
+        return params["b_dec"] if self.apply_b_dec_to_input else jnp.zeros_like(params["b_dec"])
+
+    def project(self, params: Params, x: jax.Array) -> jax.Array:
+        """(x − b_dec) W_enc without the encoder bias (b_dec's gradient the cheap way: act.encoder_pre)."""
+        return act.encoder_pre(x, params["W_enc"], jnp.zeros((), x.dtype), self.input_bias(params))
 
     def pre_acts(self, params: Params, x: jax.Array) -> jax.Array:
-        """Encoder pre-activations."""
-        return self.centred(params, x) @ params["W_enc"] + params["b_enc"]
+        """Encoder pre-activations (x − b_dec) W_enc + b_enc."""
+        return act.encoder_pre(x, params["W_enc"], params["b_enc"], self.input_bias(params))
 
     def encode(self, params: Params, x: jax.Array, stats: Stats | None = None) -> jax.Array:
         """The latent code used at inference."""
@@ -178,7 +197,7 @@ class SAE:
     # ------------------------------------------------------------------ statistics
     def update_stats(self, stats: Stats, out: Output) -> Stats:
         """Advance the tokens-since-fired counters by one batch."""
-        fired = jnp.any(out.f != 0, axis=0)
+        fired = out.extras["fired"] if "fired" in out.extras else jnp.any(out.f != 0, axis=0)
         n = out.f.shape[0]
         since = jnp.minimum(stats["tokens_since_fired"] + n, INT_CAP)
         return dict(stats, tokens_since_fired=jnp.where(fired, 0, since).astype(jnp.int32))
@@ -200,7 +219,18 @@ class SAE:
 
 @dataclass(frozen=True)
 class GatedSAE(SAE):
-    """Gated SAE (Rajamanoharan et al. 2024, arXiv 2404.16014), with weight sharing."""
+    """Gated SAE (Rajamanoharan et al. 2024, arXiv 2404.16014), with weight sharing.
+
+    π_gate = (x − b_dec) W_gate + b_gate, π_mag = (x − b_dec)(W_gate ⊙ exp(r_mag)) + b_mag
+    (``W_enc`` holds W_gate), f = H(π_gate) ⊙ ReLU(π_mag) with no gradient through H,
+    L = ‖x − x̂‖² + λ P(ReLU(π_gate)) + ‖x − ReLU(π_gate) sg(W_dec) − sg(b_dec)‖²
+    (the paper's eq. 8; dictionary_learning ``trainers/gdm.py``, which freezes the aux
+    decoder with ``.detach()``). Penalty ``l1``: P = Σ_i ReLU(π_gate)_i with unit-norm
+    decoder rows (the paper). ``l1_decoder_norm``: P = Σ_i ReLU(π_gate)_i sg(‖W_dec,i‖)
+    with free norms; the penalty's norm is frozen like the aux decoder (the author's note
+    on the forum post: freeze one or unfreeze the other). SAELens ``gated_sae.py`` takes
+    the other way: norms in the penalty trained, aux decoder unfrozen.
+    """
 
     aux_coefficient: float = 1.0
     name: ClassVar[str] = "gated"
@@ -213,8 +243,12 @@ class GatedSAE(SAE):
 
     def gate_and_mag(self, params: Params, x: jax.Array):
         """pi_gate = (x - b_dec) W_gate + b_gate; pi_mag = (x - b_dec)(W_gate * exp(r_mag)) + b_mag."""
-        h = self.centred(params, x) @ params["W_enc"]
+        h = self.project(params, x)
         return h + params["b_gate"], h * jnp.exp(params["r_mag"]) + params["b_mag"]
+
+    def pre_acts(self, params, x):
+        """The gate's pre-activations π_gate (what decides which latents fire)."""
+        return self.gate_and_mag(params, x)[0]
 
     def encode(self, params, x, stats=None):
         pi_gate, pi_mag = self.gate_and_mag(params, x)
@@ -232,8 +266,6 @@ class GatedSAE(SAE):
         return Output(x_hat, f, squared_error(x, x_hat), sparsity, aux, {})
 
     def l1(self, params, f):
-        # Decoder-norm variant: the penalty's norm is frozen (author's note), since the
-        # aux term's decoder is frozen too.
         if self.penalty == "l1_decoder_norm":
             f = f * jax.lax.stop_gradient(self.decoder_norms(params))
         return jnp.mean(jnp.sum(f, axis=-1))
@@ -241,7 +273,17 @@ class GatedSAE(SAE):
 
 @dataclass(frozen=True)
 class JumpReLUSAE(SAE):
-    """JumpReLU SAE (Rajamanoharan et al. 2024, arXiv 2407.14435) with the L0 penalty."""
+    """JumpReLU SAE (Rajamanoharan et al. 2024, arXiv 2407.14435; Gemma Scope, arXiv 2408.05147).
+
+    π = x W_enc + b_enc (the recipe does not subtract b_dec: ``apply_b_dec_to_input``),
+    f = π ⊙ H(π − θ), L = ‖x − x̂‖² + λ Σ_i H(π_i − θ_i), with the rectangle-kernel
+    straight-through estimators of ``act.jumprelu`` and ``act.heaviside_step`` (bandwidth ε).
+    θ is trained as log θ (``theta_param='log'``, the paper) or raw (``'raw'``, SAELens PR
+    #718; projected to θ ≥ 0 after each step like SAELens). Decoder rows are held at unit
+    norm, as dictionary_learning ``trainers/jumprelu.py`` does (gradient projection and
+    renormalization); the L0 penalty does not depend on decoder norms, so the constraint
+    only fixes the scale between f and W_dec (SAELens trains free norms instead).
+    """
 
     eps: float = 1e-3
     theta_init: float = 1e-3
@@ -270,6 +312,12 @@ class JumpReLUSAE(SAE):
         l0 = jnp.mean(jnp.sum(act.heaviside_step(pre, theta, self.eps), axis=-1))
         return Output(x_hat, f, squared_error(x, x_hat), l0, jnp.zeros(()), {})
 
+    def constrain_params(self, params):
+        params = super().constrain_params(params)
+        if self.theta_param == "raw":  # below 0 the gate would pass negative pre-activations
+            params = dict(params, log_threshold=jnp.maximum(params["log_threshold"], 0.0))
+        return params
+
     def fold_scale(self, params, stats, scale):
         params, stats = super().fold_scale(params, stats, scale)
         t = params["log_threshold"]
@@ -279,7 +327,14 @@ class JumpReLUSAE(SAE):
 
 @dataclass(frozen=True)
 class TopKSAE(SAE):
-    """TopK SAE with AuxK (Gao et al. 2024, arXiv 2406.04093); sparse decode."""
+    """TopK SAE with AuxK (Gao et al. 2024, arXiv 2406.04093); sparse encoder backward and decode.
+
+    z = ReLU(TopK_k((x − b_dec) W_enc + b_enc)), L = ‖x − x̂‖² / ‖x − mean x‖² (batch) +
+    α ‖e − ê‖² / ‖e − mean e‖², e = sg(x − x̂), ê the decode (no bias) of each token's top
+    ``k_aux`` pre-activations among the dead latents (openai/sparse_autoencoder
+    ``train.py``: ``normalized_mse`` of the AuxK reconstruction; dead = no activation for
+    ``dead_tokens`` tokens). The AuxK term is skipped while no latent is dead.
+    """
 
     k: int = 32
     k_aux: int = 256
@@ -288,39 +343,63 @@ class TopKSAE(SAE):
     """Slices of the latent axis for a two-stage top-k (``act.grouped_top_k``): the loop sets the
     model-axis size, so the first stage stays on each device. Every value gives the same result."""
     name: ClassVar[str] = "topk"
+    batch_select: ClassVar[bool] = False
 
     def encode(self, params, x, stats=None):
         values, idx = act.topk_select(self.pre_acts(params, x), self.k, self.latent_groups)
         return act.densify(values, idx, self.d_sae)
 
-    def forward(self, params, x, stats):
-        values, idx = act.sparse_encoder_topk(self.centred(params, x), params["W_enc"], params["b_enc"], self.k,
-                                               self.latent_groups)
-        x_hat = act.sparse_decode(values, idx, params["W_dec"]) + params["b_dec"]
-        f = act.densify(jax.lax.stop_gradient(values), idx, self.d_sae)
-        aux = self.auxk(params, x, x_hat, stats)
-        return Output(x_hat, f, normalized_mse(x, x_hat), jnp.zeros(()), aux, {})
+    def sparse_codes(self, params: Params, x: jax.Array, stats: Stats) -> tuple[act.SparseCode, act.SparseCode]:
+        """The kept code and AuxK's dead-latent code, from one encoder matmul."""
+        k_aux = self.k_aux if self.aux_coefficient else 0
+        return act.sparse_encode(x, params["W_enc"], params["b_enc"], self.input_bias(params), self.dead_mask(stats),
+                                 self.k, k_aux, self.batch_select, self.latent_groups)
 
-    def auxk(self, params: Params, x: jax.Array, x_hat: jax.Array, stats: Stats) -> jax.Array:
+    def forward(self, params, x, stats):
+        code, aux_code = self.sparse_codes(params, x, stats)
+        n = x.shape[0]
+        x_hat = act.decode_code(code, params["W_dec"], n) + params["b_dec"]
+        aux = self.auxk(params, x, x_hat, aux_code, stats)
+        kept = jax.lax.stop_gradient(code)
+        f = act.densify_code(kept, n, self.d_sae)
+        fired = jnp.zeros((self.d_sae,), bool).at[kept.cols].max(kept.values > 0)
+        extras = {"fired": fired, **self.code_extras(kept)}
+        return Output(x_hat, f, normalized_mse(x, x_hat), jnp.zeros(()), aux, extras)
+
+    def code_extras(self, code: act.SparseCode) -> dict[str, jax.Array]:
+        """Values ``update_stats`` needs from the kept code (none for TopK)."""
+        return {}
+
+    def auxk(self, params: Params, x: jax.Array, x_hat: jax.Array, aux_code: act.SparseCode,
+             stats: Stats) -> jax.Array:
         """alpha * ||e - e_hat||^2 / ||e - mean e||^2, e_hat from the top-k_aux dead latents."""
         if self.aux_coefficient == 0:
             return jnp.zeros(())
         dead = self.dead_mask(stats)
-        e = jax.lax.stop_gradient(x - x_hat)
-        pre = self.pre_acts(params, x)  # recomputed: XLA shares it with the encoder's matmul
-        k_aux = min(self.k_aux, self.d_sae)
-        values, idx = act.topk_select(jnp.where(dead, pre, -jnp.inf), k_aux, self.latent_groups)
-        e_hat = act.sparse_decode(values, idx, params["W_dec"])
-        loss = jnp.nan_to_num(normalized_mse(e, e_hat))
-        return self.aux_coefficient * jnp.where(jnp.any(dead), loss, 0.0)
+
+        def loss(x_hat, aux_code):
+            e = jax.lax.stop_gradient(x - x_hat)
+            e_hat = act.decode_code(aux_code, params["W_dec"], x.shape[0])
+            return self.aux_coefficient * jnp.nan_to_num(normalized_mse(e, e_hat))
+
+        return jax.lax.cond(jnp.any(dead), loss, lambda *_: jnp.zeros((), x.dtype), x_hat, aux_code)
 
 
 @dataclass(frozen=True)
 class BatchTopKSAE(TopKSAE):
-    """BatchTopK (Bussmann et al. 2024, arXiv 2412.06410); inference by a global threshold."""
+    """BatchTopK (Bussmann et al. 2024, arXiv 2412.06410); inference by a global threshold.
+
+    Training keeps the ⌊k·B⌋ largest of ReLU(pre) over the whole batch (so k per token on
+    average), with TopK's loss and AuxK. The inference threshold θ is an EMA (momentum
+    ``threshold_momentum``) of the smallest kept positive activation per batch, started at the
+    first batch's value (dictionary_learning ``trainers/batch_top_k.py``; SAELens
+    ``batchtopk_sae.py`` starts it at 0 with rate 0.01); encode keeps ReLU(pre) > θ, and the
+    export is a JumpReLU with θ in every latent.
+    """
 
     threshold_momentum: float = 0.99
     name: ClassVar[str] = "batchtopk"
+    batch_select: ClassVar[bool] = True
 
     def init_stats(self):
         return dict(super().init_stats(), threshold=jnp.asarray(-1.0, jnp.float32))
@@ -329,13 +408,8 @@ class BatchTopKSAE(TopKSAE):
         acts = jax.nn.relu(self.pre_acts(params, x))
         return jnp.where(acts > stats["threshold"], acts, 0.0)
 
-    def forward(self, params, x, stats):
-        f, mask = act.batch_topk_select(self.pre_acts(params, x), self.k, self.latent_groups)
-        x_hat = self.decode(params, f)
-        kept = jnp.where(mask & (f > 0), f, jnp.inf)
-        aux = self.auxk(params, x, x_hat, stats)
-        min_kept = jax.lax.stop_gradient(jnp.min(kept))
-        return Output(x_hat, f, normalized_mse(x, x_hat), jnp.zeros(()), aux, {"min_kept": min_kept})
+    def code_extras(self, code):
+        return {"min_kept": jnp.min(jnp.where(code.values > 0, code.values, jnp.inf))}
 
     def update_stats(self, stats, out):
         stats = super().update_stats(stats, out)
@@ -350,17 +424,28 @@ class BatchTopKSAE(TopKSAE):
 
 @dataclass(frozen=True)
 class ProLUSAE(SAE):
-    """ProLU SAE (Taggart 2024): the bias gates but never shifts the magnitude."""
+    """ProLU SAE (Taggart 2024, "ProLU: A Nonlinearity for Sparse Autoencoders").
+
+    With m = (x − b_dec) W_enc: f = m · H(m + b_enc) · H(m), the bias gates but never shifts
+    the magnitude; gradients by ``act.prolu_ste`` or ``act.prolu_relu``. Penalties: ``l1``
+    and ``sqrt_l1`` = Σ_i √f_i, computed as the author's √(f_i + 1e-6) (nqgl/scsae
+    ``trainer/config.py`` ``sparsity_penalty`` 'l1_sqrt'), minus its value at 0.
+    """
 
     estimator: str = "ste"
     name: ClassVar[str] = "prolu"
 
     def prolu(self, params: Params, x: jax.Array) -> jax.Array:
         fn = act.prolu_ste if self.estimator == "ste" else act.prolu_relu
-        return fn(self.centred(params, x) @ params["W_enc"], params["b_enc"])
+        return fn(self.project(params, x), params["b_enc"])
+
+    def pre_acts(self, params, x):
+        """min(m, m + b_enc): a latent fires exactly where this is positive."""
+        m = self.project(params, x)
+        return jnp.minimum(m, m + params["b_enc"])
 
     def encode(self, params, x, stats=None):
-        return act.prolu_reference(self.centred(params, x) @ params["W_enc"], params["b_enc"])
+        return act.prolu_reference(self.project(params, x), params["b_enc"])
 
     def forward(self, params, x, stats):
         f = self.prolu(params, x)
@@ -370,9 +455,8 @@ class ProLUSAE(SAE):
     def l1(self, params, f):
         if self.penalty != "sqrt_l1":
             return super().l1(params, f)
-        # sum_i sqrt(f_i), with a zero (not infinite) gradient where f_i = 0.
-        safe = jnp.where(f > 0, f, 1.0)
-        return jnp.mean(jnp.sum(jnp.where(f > 0, jnp.sqrt(safe), 0.0), axis=-1))
+        root = jnp.sqrt(jax.nn.relu(f) + SQRT_L1_EPS) - jnp.sqrt(SQRT_L1_EPS)
+        return jnp.mean(jnp.sum(root, axis=-1))
 
 
 REGISTRY: dict[str, type[SAE]] = {
