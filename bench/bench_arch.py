@@ -1,30 +1,86 @@
-"""Train-step throughput per architecture against the machine's dense matmul bound.
+"""Train-step throughput per architecture against the machine's dense matmul bound (and SAELens).
 
     python bench/bench_arch.py [--d-model 768 --d-sae 16384 --batch 4096 --steps 3] [--saelens]
+                               [--archs relu,gated,jumprelu,topk,topk+auxk,batchtopk,prolu]
 
-A dense step costs about 10·B·d·m FLOPs (2 encoder forward, 2 decoder forward, 4 decoder
-backward, 2 encoder weight gradient). The bound is measured in the same run as the
-throughput of one [B, d] x [d, m] float32 matmul in XLA. With --saelens (sae-lens and
-torch installed) SAELens's own training step is timed for the same shapes. Runs unchanged
-on CPU or GPU. Prints medians and the machine.
+A dense step costs 10·B·d·m FLOPs: 2 encoder forward, 2 decoder forward, 4 decoder backward
+and 2 for the encoder's weight gradient (b_dec's gradient comes from −W_enc Σ_b δ_b, so the
+[B, d] input cotangent is never formed). Gated adds its aux decoder forward and backward
+(14·B·d·m). The bound is the FLOP/s of one jitted [B, d] x [d, m] float32 matmul, measured
+right before each architecture (the machine may be shared: each row is compared with its own
+neighbour), and "of bound" is tokens/s over bound / (10·d·m). TopK and BatchTopK rows also
+time the same model with a dense decoder and dense encoder backward (``DenseTopK``), the
+sparse/dense ratio being the speed-up of the sparse paths. ``topk+auxk`` and
+``batchtopk+auxk`` hold half the latents dead every step, so AuxK runs. With ``--saelens``
+(sae-lens and torch installed) SAELens's own training step (training_forward_pass, firing
+statistics, backward, grad-norm clip, Adam: ``SAETrainer._train_step``) is timed on the same
+shapes and k; ProLU, which SAELens lacks, is compared with its standard SAE (same FLOPs).
+Medians over ``--steps`` steps after one warm-up step. Runs unchanged on CPU and GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 
 from sae_jax.config import load_config, with_d_model
-from sae_jax.models.sae import make_sae
+from sae_jax.models import activations as act
+from sae_jax.models.sae import REGISTRY, BatchTopKSAE, Output, TopKSAE, make_sae, normalized_mse
 from sae_jax.train import step as step_lib
 from sae_jax.train.state import init_state
 
-ARCHS = ("relu", "gated", "jumprelu", "topk", "batchtopk", "prolu")
+ARCHS = ("relu", "gated", "jumprelu", "topk", "topk+auxk", "batchtopk", "batchtopk+auxk", "prolu")
+FLOPS_PER_BDM = {"gated": 14}  # dense matmul FLOPs per B·d·m of one step; 10 for the other dense archs
+SAELENS = {"relu": "standard", "prolu": "standard", "gated": "gated", "jumprelu": "jumprelu", "topk": "topk",
+           "batchtopk": "batchtopk"}
+
+
+class DenseTopKMixin:
+    """The same TopK / BatchTopK model with a dense B·m·d decoder and dense encoder backward."""
+
+    def forward(self, params, x, stats):
+        pre = self.pre_acts(params, x)
+        if self.batch_select:
+            kept, _ = act.batch_topk_select(pre, self.k, self.latent_groups)
+        else:
+            values, idx = act.topk_select(pre, self.k, self.latent_groups)
+            kept = act.densify(values, idx, self.d_sae)
+        f = jnp.where(jax.lax.stop_gradient(kept != 0), jax.nn.relu(pre), 0.0)
+        x_hat = f @ params["W_dec"] + params["b_dec"]
+        extras = {"min_kept": jnp.min(jnp.where(kept > 0, kept, jnp.inf))} if self.batch_select else {}
+        zero = jnp.zeros(())
+        return Output(x_hat, jax.lax.stop_gradient(f), normalized_mse(x, x_hat), zero, zero, extras)
+
+
+@dataclass(frozen=True)
+class DenseTopK(DenseTopKMixin, TopKSAE):
+    """TopK decoded densely (the reference for the sparse speed-up)."""
+
+
+@dataclass(frozen=True)
+class DenseBatchTopK(DenseTopKMixin, BatchTopKSAE):
+    """BatchTopK decoded densely."""
+
+
+def machine() -> str:
+    """Platform, CPU model and count, JAX version, backend and devices."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    devices = jax.devices()
+    return (f"{platform.platform()}; {cpu}, {os.cpu_count()} CPUs; jax {jax.__version__}, backend "
+            f"{jax.default_backend()}, {len(devices)} x {devices[0].device_kind}")
 
 
 def timed(fn, steps: int) -> float:
@@ -46,61 +102,75 @@ def matmul_flops(b: int, d: int, m: int, steps: int) -> float:
     return 2 * b * d * m / timed(lambda: f(x, w), steps)
 
 
-def sae_tokens_per_s(arch: str, b: int, d: int, m: int, steps: int, extra=()) -> float:
-    cfg = with_d_model(load_config(None, [f"model.architecture={arch}", f"model.d_sae={m}", *extra]), d)
+def build(arch: str, d: int, m: int, dense: bool = False):
+    """The architecture with its recipe defaults (k = 32, k_aux = d/2), optimizer and state."""
+    name = arch.split("+")[0]
+    cfg = with_d_model(load_config(None, [f"model.architecture={name}", f"model.d_sae={m}"]), d)
     sae = make_sae(cfg.model, cfg.sparsity.penalty)
+    if dense:
+        cls = DenseBatchTopK if name == "batchtopk" else DenseTopK
+        sae = cls(**{f.name: getattr(sae, f.name) for f in dataclasses.fields(sae)})
     tx = step_lib.optimizer(cfg.optim.beta1, cfg.optim.beta2, cfg.optim.grad_clip)
+    state = init_state(sae, tx, jax.random.key(0), None, cfg.optim.lr, cfg.sparsity.coefficient)
+    return sae, tx, state
+
+
+def tokens_per_s(arch: str, b: int, d: int, m: int, steps: int, dense: bool = False) -> float:
+    """Tokens/s of the library's jitted train step (state donated, as the loop runs it)."""
+    sae, tx, state = build(arch, d, m, dense)
     fn = jax.jit(step_lib.make_train_step(sae, tx, step_lib.lr_factor(1, 100), step_lib.coefficient_factor(1)),
                  donate_argnums=0)
     x = jax.random.normal(jax.random.key(2), (b, d))
-    box = [init_state(sae, tx, jax.random.key(0), None, cfg.optim.lr, cfg.sparsity.coefficient)]
+    dead = half_dead(sae) if arch.endswith("+auxk") else None
+    box = [state]
 
     def one():
+        if dead is not None:  # hold half the latents dead, so AuxK runs every step
+            box[0] = box[0].replace(stats=dict(box[0].stats, tokens_since_fired=dead + 0))
         box[0], metrics = fn(box[0], x)
         return metrics["loss"]
 
     return b / timed(one, steps)
 
 
+def half_dead(sae) -> jax.Array:
+    """tokens_since_fired with the upper half of the latents past the dead window."""
+    return jnp.where(jnp.arange(sae.d_sae) >= sae.d_sae // 2, sae.dead_tokens, 0).astype(jnp.int32)
+
+
 def saelens_tokens_per_s(arch: str, b: int, d: int, m: int, steps: int) -> float | None:
-    """SAELens's training_forward_pass + backward + Adam step, CPU threads as available."""
+    """Tokens/s of SAELens's training step on the same shapes (None where it has no such SAE)."""
     try:
+        import sae_lens.saes as saes
         import torch
-        from sae_lens import (
-            BatchTopKTrainingSAE,
-            BatchTopKTrainingSAEConfig,
-            GatedTrainingSAE,
-            GatedTrainingSAEConfig,
-            JumpReLUTrainingSAE,
-            JumpReLUTrainingSAEConfig,
-            StandardTrainingSAE,
-            StandardTrainingSAEConfig,
-            TopKTrainingSAE,
-            TopKTrainingSAEConfig,
-        )
         from sae_lens.saes.sae import TrainStepInput
     except ImportError:
         return None
-    classes = {"relu": (StandardTrainingSAE, StandardTrainingSAEConfig),
-               "gated": (GatedTrainingSAE, GatedTrainingSAEConfig),
-               "jumprelu": (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig),
-               "topk": (TopKTrainingSAE, TopKTrainingSAEConfig),
-               "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig)}
-    if arch not in classes:
+    name = SAELENS.get(arch.split("+")[0])
+    if name is None:
         return None
-    cls, cfg_cls = classes[arch]
-    sae = cls(cfg_cls(d_in=d, d_sae=m, dtype="float32", device="cpu"))
+    prefix = {"standard": "Standard", "gated": "Gated", "jumprelu": "JumpReLU", "topk": "TopK",
+              "batchtopk": "BatchTopK"}[name]
+    cls, cfg_cls = getattr(saes, f"{prefix}TrainingSAE"), getattr(saes, f"{prefix}TrainingSAEConfig")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    extra = {"k": 32} if name in ("topk", "batchtopk") else {}
+    sae = cls(cfg_cls(d_in=d, d_sae=m, dtype="float32", device=device, **extra))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    x = torch.randn(b, d)
-    dead = torch.zeros(m, dtype=torch.bool)
+    x = torch.randn(b, d, device=device)
+    dead = torch.arange(m, device=device) >= (m // 2 if arch.endswith("+auxk") else m)
 
-    def one():
+    def one():  # sae_lens.training.sae_trainer.SAETrainer._train_step
         out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={"l1": 1.0, "l0": 1.0},
                                                        dead_neuron_mask=dead, n_training_steps=0,
                                                        is_logging_step=False))
+        with torch.no_grad():
+            out.feature_acts.bool().float().sum(-2).bool()
         out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     one()
     times = []
@@ -109,6 +179,15 @@ def saelens_tokens_per_s(arch: str, b: int, d: int, m: int, steps: int) -> float
         one()
         times.append(time.perf_counter() - t)
     return b / statistics.median(times)
+
+
+def saelens_version() -> str:
+    try:
+        import sae_lens
+        import torch
+    except ImportError:
+        return "not installed"
+    return f"sae-lens {sae_lens.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
 def main() -> None:
@@ -121,22 +200,29 @@ def main() -> None:
     p.add_argument("--saelens", action="store_true", help="also time SAELens's step (needs sae-lens)")
     a = p.parse_args()
     b, d, m = a.batch, a.d_model, a.d_sae
-    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
-          f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}")
-    bound = matmul_flops(b, d, m, a.steps)
-    bound_tps = bound / (10 * b * d * m) * b
-    print(f"shape B={b} d={d} m={m} float32; dense matmul {bound / 1e9:.1f} GFLOP/s "
-          f"-> FLOP bound {bound_tps:,.0f} tokens/s at 10·B·d·m")
-    print(f"{'arch':<10} {'tokens/s':>10} {'of bound':>9} {'SAELens':>9} {'ratio':>6}")
+    unknown = [x for x in a.archs.split(",") if x.split("+")[0] not in REGISTRY]
+    if unknown:
+        raise SystemExit(f"--archs: unknown architecture(s) {', '.join(unknown)}; choose from {', '.join(ARCHS)}.")
+    print(f"machine: {machine()}")
+    if a.saelens:
+        print(f"SAELens: {saelens_version()}")
+    print(f"shape B={b} d={d} m={m} float32, median of {a.steps} steps; bound = one [B,d]x[d,m] matmul's FLOP/s, "
+          "measured before each row, / (10·B·d·m)")
+    print(f"{'arch':<15} {'tokens/s':>9} {'matmul':>11} {'bound':>9} {'of bound':>8} {'SAELens':>8} {'ratio':>6}  "
+          "dense decoder")
     for arch in a.archs.split(","):
-        tps = sae_tokens_per_s(arch, b, d, m, a.steps)
+        flops = matmul_flops(b, d, m, a.steps)
+        bound = flops / (10 * d * m)
+        tps = tokens_per_s(arch, b, d, m, a.steps)
         ref = saelens_tokens_per_s(arch, b, d, m, a.steps) if a.saelens else None
-        ratio = f"{tps / ref:5.2f}x" if ref else "   -"
-        print(f"{arch:<10} {tps:>10,.0f} {tps / bound_tps:>8.0%} {ref or 0:>9,.0f} {ratio:>6}", flush=True)
-        if arch in ("topk", "batchtopk"):
-            dense = sae_tokens_per_s("relu", b, d, m, a.steps, ["sparsity.coefficient=0.0"])
-            print(f"{'':<10} same model with a dense decoder (relu step): {dense:,.0f} tokens/s; "
-                  f"sparse/dense {tps / dense:.2f}x", flush=True)
+        own = FLOPS_PER_BDM.get(arch, 10) if arch.split("+")[0] not in ("topk", "batchtopk") else None
+        note = f"({tps * own * d * m / flops:.0%} of its {own}·B·d·m)" if own and own != 10 else ""
+        if arch.split("+")[0] in ("topk", "batchtopk") and not arch.endswith("+auxk"):
+            dense = tokens_per_s(arch, b, d, m, a.steps, dense=True)
+            note = f"{dense:,.0f} tokens/s; sparse/dense {tps / dense:.2f}x"
+        ratio = f"{tps / ref:5.2f}x" if ref else "    -"
+        print(f"{arch:<15} {tps:>9,.0f} {flops / 1e9:>6.1f} GF/s {bound:>9,.0f} {tps / bound:>8.0%} "
+              f"{ref or 0:>8,.0f} {ratio:>6}  {note}", flush=True)
 
 
 if __name__ == "__main__":
