@@ -392,16 +392,42 @@ def topk_code(pre: jax.Array, k: int, groups: int = 1) -> SparseCode:
     return SparseCode(jax.nn.relu(top).T, indices.T, None)
 
 
+ROW_CANDIDATES = 4  # BatchTopK: per-row candidates, in multiples of the average k per row
+
+
+def _flat_top_by_rows(acts: jax.Array, n_keep: int, cap: int) -> jax.Array:
+    """``_flat_top(acts, n_keep, 1)`` from each row's top ``cap`` candidates, exactly.
+
+    The top ``n_keep`` of the candidates (flattened row-major, so ties still go to the lower
+    flat index) is the top of the whole batch unless some row has all ``cap`` of its
+    candidates selected; then that row may hold more, and the full flat selection runs
+    instead (``lax.cond``). A top-``cap`` per row plus one over ``n · cap`` candidates costs
+    a fraction of one top-k over all ``n · m`` entries.
+    """
+    n, m = acts.shape
+    values, cols = exact_top_k(acts, cap)
+    _, pick = exact_top_k(values.reshape(-1), n_keep)
+    rows = pick // cap
+    saturated = jnp.any(jnp.zeros(n, jnp.int32).at[rows].add(1) >= cap)
+    flat = rows * m + cols.reshape(-1)[pick]
+    return lax.cond(saturated, lambda: exact_top_k(acts.reshape(-1), n_keep)[1].astype(flat.dtype), lambda: flat)
+
+
 def batch_topk_code(pre: jax.Array, k: float, groups: int = 1) -> SparseCode:
     """BatchTopK of ``pre`` [B, m]: the ⌊k · B⌋ largest of ReLU(pre) over the whole batch.
 
     The same entries as ``batch_topk_select`` (ties to the lower flat index), as coordinates
-    in chunks of B entries, the last one padded with zeros.
+    in row-major order (so each chunk touches few rows) in chunks of B entries, the last one
+    padded with zeros. On one latent group, selected through per-row candidates
+    (``_flat_top_by_rows``).
     """
     n, m = pre.shape
     n_keep = int(k * n)
     acts = jax.nn.relu(pre)
-    flat = _flat_top(acts, n_keep, groups).astype(jnp.int32)
+    cap = ROW_CANDIDATES * -(-n_keep // n)
+    by_rows = groups == 1 and cap < m
+    flat = _flat_top_by_rows(acts, n_keep, cap) if by_rows else _flat_top(acts, n_keep, groups)
+    flat = lax.sort(flat.astype(jnp.int32))
     values = acts.reshape(-1)[flat]
     chunks = max(1, -(-n_keep // n))
     pad = chunks * n - n_keep

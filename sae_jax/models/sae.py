@@ -392,9 +392,10 @@ class BatchTopKSAE(TopKSAE):
     Training keeps the ⌊k·B⌋ largest of ReLU(pre) over the whole batch (so k per token on
     average), with TopK's loss and AuxK. The inference threshold θ is an EMA (momentum
     ``threshold_momentum``) of the smallest kept positive activation per batch, started at the
-    first batch's value (dictionary_learning ``trainers/batch_top_k.py``; SAELens
-    ``batchtopk_sae.py`` starts it at 0 with rate 0.01); encode keeps ReLU(pre) > θ, and the
-    export is a JumpReLU with θ in every latent.
+    first batch's value as dictionary_learning ``trainers/batch_top_k.py`` does (which waits
+    1000 steps and uses β = 0.999; SAELens ``batchtopk_sae.py`` starts at 0 with rate 0.01, our
+    default momentum); encode keeps ReLU(pre) > θ, and the export is a JumpReLU with θ in
+    every latent.
     """
 
     threshold_momentum: float = 0.99
