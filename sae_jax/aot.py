@@ -78,7 +78,7 @@ class StepReport:
     other_state: int
     """The rest of the train state: latent statistics, step, hyper-parameters, RNG key."""
     batch: int
-    """This device's share of the float32 batch."""
+    """This device's share of the batch, counted as float32 (a bfloat16 store's batch is half that)."""
     temp: int
     """Compiler scratch during the step: activations, gradients, updates (memory_analysis temp)."""
     outputs_not_donated: int

@@ -33,10 +33,13 @@ class DataConfig:
     """Which site (hook) of a multi-site store to read; empty = the store's only site."""
     holdout_fraction: float = 0.05
     """Fraction of the store's tokens (its tail) held out for the final evaluation."""
-    block_rows: int = 1024
-    """Rows per contiguous block read from disk; blocks are shuffled, then rows."""
-    shuffle_blocks: int = 16
-    """How many blocks the in-memory shuffle buffer mixes."""
+    block_rows: int = 0
+    """Rows per contiguous block read from disk, in a random order per epoch; 0 = the store's
+    rows per chunk (128 for stores made by this version)."""
+    shuffle_blocks: int | None = None
+    """How many blocks the in-memory row shuffle buffer mixes; 0 = none (each batch is read
+    straight from random blocks, the fast path); null = 0 when a batch spans at least 16 blocks,
+    else 16."""
     nonfinite: str = "error"
     """What to do with rows holding NaN or Inf: 'error' stops with the file named, 'skip' drops
     them and counts them."""
@@ -290,9 +293,12 @@ def validate(cfg: Config) -> None:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {value!r}{hint}.")
     m, t = cfg.model, cfg.train
-    for key in ("model.d_sae", "train.steps", "train.batch_size", "train.log_every", "data.block_rows",
-                "data.shuffle_blocks"):
+    for key in ("model.d_sae", "train.steps", "train.batch_size", "train.log_every"):
         _check(get_path(cfg, key) > 0, key, "a positive integer", get_path(cfg, key))
+    _check(cfg.data.block_rows >= 0, "data.block_rows", "0 (the store's chunk rows) or a positive integer",
+           cfg.data.block_rows)
+    _check(cfg.data.shuffle_blocks is None or cfg.data.shuffle_blocks >= 0, "data.shuffle_blocks",
+           "null (automatic), 0 (no row shuffle) or a positive integer", cfg.data.shuffle_blocks)
     _check(m.d_model >= 0, "model.d_model", "0 (from the store) or a positive integer", m.d_model)
     _check(0.0 <= cfg.data.holdout_fraction < 1.0, "data.holdout_fraction", "in [0, 1)", cfg.data.holdout_fraction)
     _check(t.eval_tokens >= 0, "train.eval_tokens", "0 or a positive integer", t.eval_tokens)

@@ -14,6 +14,8 @@ from sae_jax.data.store import StoreError, create_store, shard_file
 N = 3000  # not a multiple of the block size: the last block is partial
 D = 4
 SMALL = {"block_rows": 64, "shuffle_blocks": 4}  # windows of 256 rows: batches span windows
+DIRECT = {"block_rows": 64, "shuffle_blocks": 0}  # no row shuffle: a window is one batch, cut across blocks
+MODES = {"rowshuffle": SMALL, "direct": DIRECT}
 
 
 def indexed_store(path, n=N, dtype="float32", bad_rows=()):
@@ -25,6 +27,11 @@ def indexed_store(path, n=N, dtype="float32", bad_rows=()):
     writer = create_store(path, d_model=D, dtype=dtype, rows_per_chunk=64, rows_per_shard=512)
     writer.append(x)
     return writer.finalize(), x
+
+
+@pytest.fixture(params=sorted(MODES))
+def mode(request):
+    return MODES[request.param]
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +65,10 @@ def test_split_bounds():
 
 
 @pytest.mark.parametrize("hosts", [1, 2, 4])
-def test_every_token_once_per_epoch_across_hosts(store, hosts):
+def test_every_token_once_per_epoch_across_hosts(store, hosts, mode):
     per_host = []
     for p in range(hosts):
-        it = loader(store, process_index=p, process_count=hosts, num_epochs=2)
+        it = loader(store, process_index=p, process_count=hosts, num_epochs=2, **mode)
         batches = list(it)
         assert all(b.shape == (40 // hosts, D) and b.dtype == np.float32 for b in batches)
         per_host.append(np.stack(batches))
@@ -96,6 +103,58 @@ def test_epoch_and_counters(store):
     assert it.skipped_rows == 0
 
 
+def test_direct_batches_mix_random_blocks(store):
+    a = ids(list(loader(store, batch_size=400, num_epochs=1, **DIRECT)))
+    first = a[:400]
+    assert len(np.unique(first // 64)) >= 6  # a batch is ~6 whole random blocks
+    assert not np.array_equal(np.sort(np.unique(first // 64)), np.arange(len(np.unique(first // 64))))
+
+
+def test_defaults_follow_the_store_chunks(store):
+    assert pipeline.default_shuffle_blocks(4096, 128) == 0  # 32 blocks per batch: read batches directly
+    assert pipeline.default_shuffle_blocks(4096, 1024) == pipeline.DEFAULT_SHUFFLE_BLOCKS  # 4 blocks: shuffle rows
+    direct = ActivationLoader(store, batch_size=1024, seed=0, split="all")
+    assert (direct.block_rows, direct.shuffle_blocks) == (64, 0)
+    assert direct.plan.window_rows == 1024 and not direct.plan.shuffle_rows
+    small = ActivationLoader(store, batch_size=40, seed=0, split="all")
+    assert (small.block_rows, small.shuffle_blocks) == (64, pipeline.DEFAULT_SHUFFLE_BLOCKS)
+    assert small.plan.window_rows == 64 * pipeline.DEFAULT_SHUFFLE_BLOCKS and small.plan.shuffle_rows
+
+
+@pytest.mark.parametrize("store_dtype", ["float32", "bfloat16"])
+def test_storage_dtype_batches_equal_the_float32_batches(tmp_path, store_dtype, mode):
+    store, _ = indexed_store(tmp_path / "s", n=256, dtype=store_dtype)
+    wide = list(loader(store, num_epochs=2, **mode))
+    narrow = list(loader(store, num_epochs=2, dtype="storage", **mode))
+    assert all(b.dtype == np.dtype(store_dtype if store_dtype == "float32" else ml_dtypes.bfloat16) for b in narrow)
+    np.testing.assert_array_equal(np.stack(narrow).astype(np.float32), np.stack(wide))
+    with pytest.raises(ValueError, match="'float32' or 'storage'"):
+        loader(store, dtype="float16")
+
+
+def test_bfloat16_nonfinite_rows_in_storage_dtype(tmp_path, mode):
+    bad = [5, 100, 255]
+    store, _ = indexed_store(tmp_path / "s", n=256, dtype="bfloat16", bad_rows=bad)
+    with pytest.raises(StoreError, match=r"row (5|100|255) of site 'activations' holds NaN or Inf"):
+        list(loader(store, num_epochs=1, dtype="storage", **mode))
+    it = loader(store, batch_size=23, num_epochs=1, nonfinite="skip", dtype="storage", **mode)  # 253 = 11 x 23
+    rows = ids([b.astype(np.float32) for b in it])
+    assert it.skipped_rows == 3
+    np.testing.assert_array_equal(np.sort(rows), np.setdiff1d(np.arange(256), bad))
+
+
+def test_nonfinite_rows_finds_exactly_the_bad_rows():
+    x = np.ones((6, 5), np.float32)
+    x[1] = 3e38  # finite, but its sum overflows: not a bad row
+    assert pipeline.nonfinite_rows(x) is None
+    x[2, 3], x[4, 0] = np.inf, np.nan
+    np.testing.assert_array_equal(pipeline.nonfinite_rows(x), [2, 4])
+    b = x.astype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(pipeline.nonfinite_rows(b), [2, 4])
+    b[2, 3], b[4, 0] = -3e38, 1.0
+    assert pipeline.nonfinite_rows(b) is None  # the largest finite bfloat16 values are not NaN/Inf
+
+
 def test_bfloat16_batches_widen_exactly(tmp_path):
     store, x = indexed_store(tmp_path / "s", n=256, dtype="bfloat16")
     batch = next(loader(store, batch_size=256, num_epochs=1))
@@ -108,13 +167,13 @@ def test_bfloat16_batches_widen_exactly(tmp_path):
 
 
 @pytest.mark.parametrize("taken", [0, 1, 7, 75, 81])  # window starts, mid-window, an epoch boundary, epoch 2
-def test_restore_continues_with_identical_batches(store, taken):
-    first = loader(store, num_epochs=3)
+def test_restore_continues_with_identical_batches(store, taken, mode):
+    first = loader(store, num_epochs=3, **mode)
     for _ in range(taken):
         next(first)
     state, epoch = json.loads(json.dumps(first.get_state())), first.epoch
     expected = [next(first) for _ in range(20)]
-    second = loader(store, num_epochs=3)
+    second = loader(store, num_epochs=3, **mode)
     second.set_state(state)
     assert second.epoch == epoch == taken * 40 // N
     got = [next(second) for _ in range(20)]
@@ -122,8 +181,8 @@ def test_restore_continues_with_identical_batches(store, taken):
     assert second.tokens_seen == first.tokens_seen
 
 
-def test_restore_on_a_running_iterator(store):
-    it = loader(store, num_epochs=None)
+def test_restore_on_a_running_iterator(store, mode):
+    it = loader(store, num_epochs=None, **mode)
     state = None
     for i in range(30):
         if i == 10:
@@ -135,8 +194,8 @@ def test_restore_on_a_running_iterator(store):
     np.testing.assert_array_equal(np.stack(replay[20:]), np.stack(later))
 
 
-def test_grain_checkpoint_check(store):
-    ds = loader(store, batch_size=400, num_epochs=1, prefetch=2).dataset  # 7 batches
+def test_grain_checkpoint_check(store, mode):
+    ds = loader(store, batch_size=400, num_epochs=1, prefetch=2, **mode).dataset  # 7 batches
     grain.experimental.assert_equal_output_after_checkpoint(ds)
 
 
@@ -151,20 +210,20 @@ def test_state_from_other_settings_is_refused(store):
 # --------------------------------------------------------------------------- bad rows and bad stores
 
 
-def test_nonfinite_rows_error_by_default_and_skip_on_request(tmp_path):
+def test_nonfinite_rows_error_by_default_and_skip_on_request(tmp_path, mode):
     bad = [5, 700, 2999]
     store, _ = indexed_store(tmp_path / "s", bad_rows=bad)
     with pytest.raises(StoreError, match=r"c/\d+/0: row (5|700|2999) of site 'activations' holds NaN or Inf"):
-        list(loader(store, num_epochs=1))
-    it = loader(store, num_epochs=1, nonfinite="skip")
+        list(loader(store, num_epochs=1, **mode))
+    it = loader(store, num_epochs=1, nonfinite="skip", **mode)
     rows = ids(list(it))
     assert it.skipped_rows == 3
     assert len(rows) == (N - 3) // 40 * 40 and not set(bad) & set(rows.tolist())
     assert len(np.unique(rows)) == len(rows)
-    it = loader(store, num_epochs=1, nonfinite="skip")  # a restore mid-way counts and skips the same
+    it = loader(store, num_epochs=1, nonfinite="skip", **mode)  # a restore mid-way counts and skips the same
     head = [next(it) for _ in range(30)]
     state = json.loads(json.dumps(it.get_state()))
-    again = loader(store, num_epochs=1, nonfinite="skip")
+    again = loader(store, num_epochs=1, nonfinite="skip", **mode)
     again.set_state(state)
     np.testing.assert_array_equal(ids(head + list(again)), rows)
     assert again.skipped_rows == 3

@@ -2,20 +2,27 @@
 
 How rows flow, for one split [lo, hi) of a store:
 
-1. Epoch e orders the split's blocks (``block_rows`` contiguous rows each) by a permutation
-   seeded with (seed, e), the same on every process. Laid end to end they give the epoch's
-   row sequence.
+1. Epoch e orders the split's blocks (``block_rows`` contiguous rows each; by default one
+   store chunk) by a permutation seeded with (seed, e), the same on every process. Laid end to
+   end they give the epoch's row sequence.
 2. Process p owns the p-th of ``process_count`` equal, contiguous stretches of that sequence
    (R = n // process_count rows; at most process_count - 1 rows of an epoch go unused), so no
    token is read by two processes and every process has the same number of rows per epoch.
-3. A stretch is cut into windows of ``shuffle_blocks`` blocks. A window is read as whole
-   blocks (one tensorstore read, chunks copied concurrently) in the storage dtype; its rows are
-   permuted (seeded with seed, e, p and the window) in memory: the shuffle buffer.
+3. A stretch is cut into windows, each read with one tensorstore read (chunks decoded
+   concurrently and copied straight into place) in the storage dtype:
+   - ``shuffle_blocks = 0``: a window is one local batch. With small blocks a batch already
+     mixes many random stretches of the store (32 blocks of 128 rows in a batch of 4096), and
+     no row is copied again: this is the fast path.
+   - ``shuffle_blocks = S > 0``: a window is S blocks and its rows are permuted in memory
+     (seeded with seed, e, p and the window): the shuffle buffer, for stores with large
+     chunks. The gather costs one more pass over the rows.
+   The default (None) picks 0 when a local batch holds at least ``MIN_BLOCKS_PER_BATCH``
+   blocks and 16 otherwise.
 4. Windows are numbered across epochs; grain reads them ahead in background threads, in order.
-5. Local batches of batch_size // process_count rows are gathered from consecutive windows in
-   their shuffled order, widened to float32 and checked for NaN/Inf in one more background
-   thread (a batch may span two windows or two epochs); global batch i is the concatenation of
-   the local batches over processes in process order.
+5. Local batches of batch_size // process_count rows are cut from consecutive windows, widened
+   to float32 (or left in the store's dtype, for the device to widen) and checked for NaN/Inf
+   in one more background thread (a batch may span two windows or two epochs); global batch i
+   is the concatenation of the local batches over processes in process order.
 
 The iterator state is (window, offset into it, skipped-row count, batch count): restoring it
 re-reads one window and continues with exactly the batches that would have come next.
@@ -35,11 +42,13 @@ import grain
 import numpy as np
 import tensorstore as ts
 
-from sae_jax.data.store import Store, StoreError, shard_file
+from sae_jax.data.store import DTYPES, Store, StoreError, shard_file
 
 log = logging.getLogger(__name__)
 
 SPLIT_ALIGN = 1024
+MIN_BLOCKS_PER_BATCH = 16  # below this many blocks per local batch, the default adds a shuffle buffer
+DEFAULT_SHUFFLE_BLOCKS = 16
 NONFINITE = ("error", "skip", "allow")
 STATE_VERSION = 1
 _FOREVER = sys.maxsize // 2
@@ -81,7 +90,8 @@ class WindowPlan:
     lo: int
     hi: int
     block_rows: int
-    shuffle_blocks: int
+    window_rows: int
+    shuffle_rows: bool
     seed: int
     process_index: int
     process_count: int
@@ -95,7 +105,7 @@ class WindowPlan:
     @property
     def windows_per_epoch(self) -> int:
         """Windows of this process per epoch (the last one may be short)."""
-        return math.ceil(self.rows_per_process / (self.block_rows * self.shuffle_blocks))
+        return math.ceil(self.rows_per_process / self.window_rows)
 
     def __len__(self) -> int:
         epochs = _FOREVER // self.windows_per_epoch if self.num_epochs is None else self.num_epochs
@@ -113,9 +123,8 @@ class WindowPlan:
     def pieces(self, index: int) -> list[tuple[int, int]]:
         """Store row ranges [start, stop) of window ``index``, in sequence order (block reads)."""
         epoch, w = divmod(index, self.windows_per_epoch)
-        window_rows = self.block_rows * self.shuffle_blocks
-        a = self.process_index * self.rows_per_process + w * window_rows
-        b = min(a + window_rows, (self.process_index + 1) * self.rows_per_process)
+        a = self.process_index * self.rows_per_process + w * self.window_rows
+        b = min(a + self.window_rows, (self.process_index + 1) * self.rows_per_process)
         first, sizes, starts = self.block_order(epoch)
         out = []
         for j in range(np.searchsorted(starts, a, side="right") - 1, np.searchsorted(starts, b, side="left")):
@@ -123,8 +132,10 @@ class WindowPlan:
             out.append((int(first[j] + lo), int(first[j] + hi)))
         return out
 
-    def row_order(self, index: int, n: int) -> np.ndarray:
-        """The in-memory shuffle of a window's n rows."""
+    def row_order(self, index: int, n: int) -> np.ndarray | None:
+        """The in-memory shuffle of a window's n rows (None: rows come out as read)."""
+        if not self.shuffle_rows:
+            return None
         epoch, w = divmod(index, self.windows_per_epoch)
         return np.random.default_rng([self.seed, epoch, self.process_index, w, 1]).permutation(n)
 
@@ -139,7 +150,7 @@ class Window:
 
     index: int
     rows: np.ndarray  # [n, d_model] in the store's dtype
-    order: np.ndarray  # the in-memory shuffle: output row j is rows[order[j]]
+    order: np.ndarray | None  # the in-memory shuffle: output row j is rows[order[j]] (None: rows[j])
     pieces: list[tuple[int, int]]
 
 
@@ -159,7 +170,8 @@ class WindowSource:
     def __repr__(self) -> str:
         p = self.plan
         return (f"WindowSource(store={self.store.identity}, site={self.site}, rows=[{p.lo}, {p.hi}), seed={p.seed}, "
-                f"block_rows={p.block_rows}, shuffle_blocks={p.shuffle_blocks}, process={p.process_index}/"
+                f"block_rows={p.block_rows}, window_rows={p.window_rows}, shuffle_rows={p.shuffle_rows}, "
+                f"process={p.process_index}/"
                 f"{p.process_count}, epochs={p.num_epochs}, nonfinite={self.nonfinite})")
 
     def __getitem__(self, index: int) -> Window:
@@ -172,22 +184,44 @@ class WindowSource:
 
     def row_ids(self, window: Window, positions: np.ndarray) -> np.ndarray:
         """Store rows of a window's output positions (for error messages)."""
-        return np.concatenate([np.arange(a, b) for a, b in window.pieces])[window.order[positions]]
+        ids = np.concatenate([np.arange(a, b) for a, b in window.pieces])
+        return ids[positions if window.order is None else window.order[positions]]
 
 
-def gather_float32(rows: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
-    """out[:] = rows[idx] as float32; bfloat16 widens exactly by a 16-bit shift of its bits."""
-    if rows.dtype == np.float32:
+def convert(rows: np.ndarray, out: np.ndarray) -> None:
+    """out[:] = rows in out's dtype; bfloat16 widens to float32 exactly: its 16 bits become the
+    top half of a float32."""
+    if rows.dtype == out.dtype:
+        np.copyto(out, rows)
+    else:
+        bits = out.view(np.uint32)
+        np.copyto(bits, rows.view(np.uint16))
+        bits <<= 16
+
+
+def gather(rows: np.ndarray, idx: np.ndarray | None, out: np.ndarray) -> None:
+    """out[:] = rows[idx] in out's dtype (idx None: the first len(out) rows)."""
+    if idx is None:
+        convert(rows[:len(out)], out)
+    elif rows.dtype == out.dtype:
         np.take(rows, idx, axis=0, out=out)
     else:
-        np.left_shift(np.take(rows.view(np.uint16), idx, axis=0), 16, out=out.view(np.uint32), dtype=np.uint32)
+        convert(np.take(rows.view(np.uint16), idx, axis=0).view(rows.dtype), out)
 
 
 def nonfinite_rows(rows: np.ndarray) -> np.ndarray | None:
     """Indices of rows holding NaN or Inf, or None when every row is finite (the fast, usual case)."""
-    if np.isfinite(rows.sum(axis=1)).all():  # a row sum is finite when its entries are (barring overflow)
-        return None
-    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+    if rows.dtype == np.float32:
+        with np.errstate(over="ignore"):
+            if np.isfinite(rows.sum()):  # finite when every entry is (barring overflow, which falls through)
+                return None
+        bad = ~np.isfinite(rows).all(axis=1)
+    else:  # bfloat16 is NaN or Inf exactly when its 8 exponent bits are all set
+        bits = rows.view(np.uint16)
+        if np.bitwise_and(bits, 0x7FFF).max(initial=0) < 0x7F80:
+            return None
+        bad = ((bits & 0x7F80) == 0x7F80).any(axis=1)
+    bad = np.flatnonzero(bad)
     return bad if bad.size else None
 
 
@@ -199,26 +233,26 @@ def nonfinite_error(store: Store, site: str, row: int, count: int) -> StoreError
 
 
 class BatchRows(grain.IterDataset):
-    """Fixed-size float32 batches cut from a stream of windows (a batch may span windows)."""
+    """Fixed-size batches (in ``dtype``) cut from a stream of windows (a batch may span windows)."""
 
-    def __init__(self, parent: grain.IterDataset, source: WindowSource, batch_rows: int):
+    def __init__(self, parent: grain.IterDataset, source: WindowSource, batch_rows: int, dtype: np.dtype):
         super().__init__(parent)
-        self.source, self.batch_rows = source, batch_rows
+        self.source, self.batch_rows, self.dtype = source, batch_rows, dtype
 
     def __iter__(self) -> BatchRowsIterator:
-        return BatchRowsIterator(self._parent.__iter__(), self.source, self.batch_rows)
+        return BatchRowsIterator(self._parent.__iter__(), self.source, self.batch_rows, self.dtype)
 
     def __str__(self) -> str:
-        return f"BatchRows(batch_rows={self.batch_rows})"
+        return f"BatchRows(batch_rows={self.batch_rows}, dtype={self.dtype})"
 
 
 class BatchRowsIterator(grain.DatasetIterator):
     """Iterator of ``BatchRows``. Its state is four ints: the window being read, how many of its
     (shuffled) rows were consumed, the non-finite rows skipped so far, and batches delivered."""
 
-    def __init__(self, parent: grain.DatasetIterator, source: WindowSource, batch_rows: int):
+    def __init__(self, parent: grain.DatasetIterator, source: WindowSource, batch_rows: int, dtype: np.dtype):
         super().__init__(parent)
-        self._source, self._batch_rows = source, batch_rows
+        self._source, self._batch_rows, self._dtype = source, batch_rows, dtype
         self._window: Window | None = None
         self._offset = 0  # rows of the current window consumed
         self._next_window = 0  # index of the next window to pull from the parent
@@ -227,7 +261,13 @@ class BatchRowsIterator(grain.DatasetIterator):
         self.batches = 0
 
     def __next__(self) -> np.ndarray:
-        out = np.empty((self._batch_rows, self._source.store.d_model), np.float32)
+        if self._window is None or self._offset == len(self._window.rows):
+            self._pull()
+        whole = self._whole_window()
+        if whole is not None:
+            self.batches += 1
+            return whole
+        out = np.empty((self._batch_rows, self._source.store.d_model), self._dtype)
         filled = 0
         while filled < self._batch_rows:
             if self._window is None or self._offset == len(self._window.rows):
@@ -236,12 +276,26 @@ class BatchRowsIterator(grain.DatasetIterator):
         self.batches += 1
         return out
 
+    def _whole_window(self) -> np.ndarray | None:
+        """A fresh, unshuffled window of exactly one batch of finite rows in the output dtype,
+        handed on without a copy; None otherwise (the general path then copies)."""
+        w = self._window
+        if w.order is not None or self._offset or len(w.rows) != self._batch_rows or w.rows.dtype != self._dtype:
+            return None
+        if self._source.nonfinite != "allow" and nonfinite_rows(w.rows) is not None:
+            return None
+        self._offset = len(w.rows)
+        return w.rows
+
     def _fill(self, out: np.ndarray, filled: int) -> int:
         """Move rows of the current window into out[filled:]; returns the new fill level."""
         w = self._window
         take = min(len(out) - filled, len(w.rows) - self._offset)
         dst = out[filled:filled + take]
-        gather_float32(w.rows, w.order[self._offset:self._offset + take], dst)
+        if w.order is None:
+            gather(w.rows[self._offset:self._offset + take], None, dst)
+        else:
+            gather(w.rows, w.order[self._offset:self._offset + take], dst)
         bad = None if self._source.nonfinite == "allow" else nonfinite_rows(dst)
         if bad is not None:
             if self._source.nonfinite == "error":
@@ -283,9 +337,9 @@ class BatchRowsIterator(grain.DatasetIterator):
         self.skipped, self.batches = int(state["skipped"]), int(state["batches"])
 
 
-def batch_dataset(source: WindowSource, batch_rows: int, prefetch: int = 2,
-                  threads: int | None = None) -> grain.IterDataset:
-    """The grain dataset of one process's local batches (float32 [batch_rows, d_model]).
+def batch_dataset(source: WindowSource, batch_rows: int, prefetch: int = 2, threads: int | None = None,
+                  dtype: np.dtype = np.dtype(np.float32)) -> grain.IterDataset:
+    """The grain dataset of one process's local batches ([batch_rows, d_model] in ``dtype``).
 
     Windows are read ``prefetch`` ahead by a thread pool; batches are assembled ahead in one
     more thread, so the consumer only takes finished arrays.
@@ -293,7 +347,7 @@ def batch_dataset(source: WindowSource, batch_rows: int, prefetch: int = 2,
     windows = grain.MapDataset.source(source)
     threads = threads or max(1, min(prefetch, os.cpu_count() or 1))
     options = grain.ReadOptions(num_threads=threads if prefetch else 0, prefetch_buffer_size=prefetch)
-    batches = BatchRows(windows.to_iter_dataset(options), source, batch_rows)
+    batches = BatchRows(windows.to_iter_dataset(options), source, batch_rows, np.dtype(dtype))
     return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
 
 
@@ -303,7 +357,9 @@ def batch_dataset(source: WindowSource, batch_rows: int, prefetch: int = 2,
 class ActivationLoader:
     """Checkpointable iterator over this process's share of each global batch.
 
-    ``next(loader)`` is float32 [batch_size // process_count, d_model]; global batch i is the
+    ``next(loader)`` is [batch_size // process_count, d_model] in float32 (``dtype="float32"``)
+    or in the store's dtype (``dtype="storage"``: half the bytes of a bfloat16 store to move to
+    the device, which widens it in the train step); global batch i is the
     concatenation over processes in process order, and over an epoch the processes' rows
     together are a permutation of the split (less at most process_count - 1 rows).
 
@@ -320,18 +376,30 @@ class ActivationLoader:
 
     def __init__(self, store: Store, *, batch_size: int, seed: int, split: str = "train",
                  holdout_fraction: float = 0.05, process_index: int = 0, process_count: int = 1,
-                 block_rows: int = 1024, shuffle_blocks: int = 16, num_epochs: int | None = None, prefetch: int = 2,
-                 nonfinite: str = "error", site: str | None = None):
+                 block_rows: int | None = None, shuffle_blocks: int | None = None, num_epochs: int | None = None,
+                 prefetch: int = 2, nonfinite: str = "error", site: str | None = None, dtype: str = "float32"):
         _check_args(batch_size, process_index, process_count, block_rows, shuffle_blocks, num_epochs, nonfinite)
         self.store, self.site = store, store.site_name(site)
         self.batch_size, self.process_count = batch_size, process_count
         lo, hi = _split(store, split, holdout_fraction)
         if hi - lo < process_count:
             raise ValueError(f"split '{split}' has {hi - lo} rows, fewer than the {process_count} processes.")
-        self.plan = WindowPlan(lo, hi, block_rows, shuffle_blocks, int(seed) % 2**32, process_index, process_count,
-                               num_epochs)
+        batch_rows = batch_size // process_count
+        self.block_rows = block_rows or store.rows_per_chunk
+        if self.block_rows % store.rows_per_chunk:
+            log.warning("%s: data.block_rows=%d is not a multiple of the store's %d rows per chunk; reads decode "
+                        "whole chunks, so part of each read is wasted.", store.path, self.block_rows,
+                        store.rows_per_chunk)
+        self.shuffle_blocks = default_shuffle_blocks(batch_rows, self.block_rows) if shuffle_blocks is None \
+            else shuffle_blocks
+        window_rows = self.block_rows * self.shuffle_blocks if self.shuffle_blocks else batch_rows
+        self.plan = WindowPlan(lo, hi, self.block_rows, window_rows, bool(self.shuffle_blocks), int(seed) % 2**32,
+                               process_index, process_count, num_epochs)
         self.source = WindowSource(store, self.plan, self.site, nonfinite)
-        self.dataset = batch_dataset(self.source, batch_size // process_count, prefetch)
+        if dtype not in ("float32", "storage"):
+            raise ValueError(f"dtype='{dtype}' must be 'float32' or 'storage'.")
+        self.dtype = np.dtype(np.float32) if dtype == "float32" else DTYPES[store.dtype]
+        self.dataset = batch_dataset(self.source, batch_rows, prefetch, dtype=self.dtype)
         self._it = self.dataset.__iter__()
         self._reported_skips = 0
 
@@ -383,14 +451,21 @@ class ActivationLoader:
         self._it.close()
 
 
+def default_shuffle_blocks(batch_rows: int, block_rows: int) -> int:
+    """0 (batches read straight from random blocks) when a local batch spans at least
+    MIN_BLOCKS_PER_BATCH blocks; otherwise a shuffle buffer of DEFAULT_SHUFFLE_BLOCKS blocks."""
+    return 0 if batch_rows >= MIN_BLOCKS_PER_BATCH * block_rows else DEFAULT_SHUFFLE_BLOCKS
+
+
 def _check_args(batch_size, process_index, process_count, block_rows, shuffle_blocks, num_epochs, nonfinite):
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
     if batch_size <= 0 or batch_size % process_count:
         raise ValueError(f"train.batch_size={batch_size} must be a positive multiple of the {process_count} "
                          "processes.")
-    if block_rows <= 0 or shuffle_blocks <= 0:
-        raise ValueError(f"data.block_rows={block_rows} and data.shuffle_blocks={shuffle_blocks} must be positive.")
+    if (block_rows is not None and block_rows < 0) or (shuffle_blocks is not None and shuffle_blocks < 0):
+        raise ValueError(f"data.block_rows={block_rows} and data.shuffle_blocks={shuffle_blocks} must be >= 0 "
+                         "(block_rows 0: the store's rows per chunk; shuffle_blocks 0: no in-memory row shuffle).")
     if num_epochs is not None and num_epochs <= 0:
         raise ValueError(f"num_epochs={num_epochs} must be positive (or None to repeat forever).")
     if nonfinite not in NONFINITE:

@@ -41,9 +41,9 @@ PARTIAL_SUFFIX = ".partial"
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 INPUT_DTYPES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32), np.dtype(np.float64))
 DTYPE_ALIASES = {"bf16": "bfloat16", "f32": "float32", "fp32": "float32"}
-DEFAULT_ROWS_PER_CHUNK = 1024
+DEFAULT_ROWS_PER_CHUNK = 128  # one chunk = one random block of the loader: small enough to mix well
 SHARD_TARGET_BYTES = 64 << 20  # whole shards are buffered by the writer: keep them modest
-MAX_CHUNKS_PER_SHARD = 64
+MAX_CHUNKS_PER_SHARD = 256
 NORM_SAMPLE_ROWS = 65536
 READ_CACHE_BYTES = 8 << 20  # enough to keep shard indices cached between block reads
 
@@ -437,6 +437,7 @@ class Store:
         self.sites = tuple(metadata["sites"])
         self.norm_scalars = {s: float(v["norm_scalar"]) for s, v in metadata["sites"].items()}
         self.norm_scalar = self.norm_scalars[self.sites[0]]
+        self.rows_per_chunk = int(metadata["rows_per_chunk"])
         self.rows_per_shard = int(metadata["rows_per_shard"])
         blob = json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode()
         self.identity = hashlib.sha256(blob).hexdigest()[:16]
