@@ -4,13 +4,17 @@
 
 Makes a store of random activations with the store's default layout (or uses --store), then
 alternates, --repeats times:
-  raw:      the site read front to back in slices of --raw-slice rows, in the storage dtype,
-            one read at a time (tensorstore parallelises within a read);
-  pipeline: ActivationLoader over every token for one epoch with the loader's defaults:
-            random blocks (one store chunk each), batches of --batch-size rows read straight
-            from them, bfloat16 -> float32, NaN/Inf check;
-  pipeline+rowshuffle: the same with an in-memory row shuffle buffer of --shuffle-blocks
-            blocks (the default for stores whose chunks are large).
+  raw:            the site read front to back in slices of --raw-slice rows, in the storage
+                  dtype, one read at a time (tensorstore parallelises within a read);
+  to-device:      what training runs: ActivationLoader with its defaults (random blocks of one
+                  store chunk, batches of --batch-size rows read straight from them, NaN/Inf
+                  check) delivering the store's dtype, each batch made a global jax.Array on
+                  the batch sharding. The train step widens bfloat16 to float32 on the device,
+                  fused with the normalization multiply it does anyway, so the widening costs
+                  the step nothing;
+  float32-host:   the same loader widening bfloat16 -> float32 on the host;
+  rowshuffle-host: float32-host plus an in-memory row shuffle buffer of --shuffle-blocks
+                  blocks (the loader's default for stores whose chunks are large).
 Prints rows/s and GB/s (in storage bytes) of each, the ratios to raw of the medians, and
 the machine. Both read the same files, so with a store that fits in memory both are served by
 the page cache after the first pass (--drop-note reminds of that in the output).
@@ -64,15 +68,18 @@ def raw_read(store: store_lib.Store, slice_rows: int) -> tuple[Timer, int]:
     return t, store.n_tokens
 
 
-def pipeline_read(store: store_lib.Store, args, shuffle_blocks: int | None) -> tuple[Timer, int]:
-    """One shuffled epoch of float32 batches over every token; (timer, rows)."""
+def pipeline_read(store: store_lib.Store, args, shuffle_blocks: int | None, dtype: str,
+                  sharding=None) -> tuple[Timer, int]:
+    """One shuffled epoch over every token (to global jax.Arrays when a sharding is given); (timer, rows)."""
     loader = pipeline.ActivationLoader(store, batch_size=args.batch_size, seed=0, split="all",
                                        block_rows=args.block_rows, shuffle_blocks=shuffle_blocks, num_epochs=1,
-                                       prefetch=args.prefetch)
+                                       prefetch=args.prefetch, dtype=dtype)
     rows = 0
     with Timer() as t:
         for batch in loader:
-            assert batch.dtype == np.float32
+            if sharding is not None:
+                batch = pipeline.to_global(batch, sharding).block_until_ready()
+            assert batch.dtype == loader.dtype
             rows += batch.shape[0]
     loader.close()
     return t, rows
@@ -119,24 +126,31 @@ def report(store: store_lib.Store, args) -> None:
     print(f"loader defaults for this store: blocks of {block_rows} rows, shuffle_blocks={default_shuffle} "
           f"({args.batch_size // block_rows} blocks per batch)")
     raw_read(store, args.raw_slice)  # warm the page cache once
+    import jax
+
+    batch_sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("data",)),
+                                                jax.sharding.PartitionSpec("data"))
     runs = {"raw": lambda: raw_read(store, args.raw_slice),
-            "pipeline": lambda: pipeline_read(store, args, None),
-            "pipeline+rowshuffle": lambda: pipeline_read(store, args, args.shuffle_blocks)}
+            "to-device": lambda: pipeline_read(store, args, None, "storage", batch_sharding),
+            "float32-host": lambda: pipeline_read(store, args, None, "float32"),
+            "rowshuffle-host": lambda: pipeline_read(store, args, args.shuffle_blocks, "float32")}
     results = {name: [] for name in runs}
     for r in range(args.repeats):
         for name, run in runs.items():
             t, rows = run()
             results[name].append((rows / t.wall, t.cpu / rows))
-            print(f"  repeat {r} {name:19s}: {rows / t.wall:12,.0f} rows/s, {t.cpu / t.wall:.2f} cores busy")
+            print(f"  repeat {r} {name:15s}: {rows / t.wall:12,.0f} rows/s, {t.cpu / t.wall:.2f} cores busy")
     per_row = gb / store.n_tokens
     rate = {k: statistics.median(r for r, _ in v) for k, v in results.items()}
     cpu = {k: statistics.median(c for _, c in v) for k, v in results.items()}
     print(f"raw sequential tensorstore read: {rate['raw']:,.0f} rows/s = {rate['raw'] * per_row:.2f} GB/s, "
           f"{cpu['raw'] / per_row:.2f} CPU s/GB")
-    for name, what in (("pipeline", f"shuffle_blocks={default_shuffle}"),
-                       ("pipeline+rowshuffle", f"shuffle_blocks={args.shuffle_blocks}")):
+    device = f"{len(jax.devices())} {jax.devices()[0].platform} device(s)"
+    for name, what in (("to-device", f"shuffle_blocks={default_shuffle}, {store.dtype} to {device}"),
+                       ("float32-host", f"shuffle_blocks={default_shuffle}, {store.dtype}->float32 on the host"),
+                       ("rowshuffle-host", f"shuffle_blocks={args.shuffle_blocks}, {store.dtype}->float32 on the host")):
         print(f"{name} (random blocks of {block_rows}, {what}, batches of {args.batch_size}, "
-              f"{store.dtype}->float32, prefetch {args.prefetch}): {rate[name]:,.0f} rows/s = "
+              f"prefetch {args.prefetch}): {rate[name]:,.0f} rows/s = "
               f"{rate[name] * per_row:.2f} GB/s of stored bytes, {cpu[name] / per_row:.2f} CPU s/GB; "
               f"ratio to raw {rate[name] / rate['raw']:.2f} (medians of {args.repeats}; best of each "
               f"{max(r for r, _ in results[name]) / max(r for r, _ in results['raw']):.2f})")
