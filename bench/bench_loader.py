@@ -148,7 +148,8 @@ def report(store: store_lib.Store, args) -> None:
     device = f"{len(jax.devices())} {jax.devices()[0].platform} device(s)"
     for name, what in (("to-device", f"shuffle_blocks={default_shuffle}, {store.dtype} to {device}"),
                        ("float32-host", f"shuffle_blocks={default_shuffle}, {store.dtype}->float32 on the host"),
-                       ("rowshuffle-host", f"shuffle_blocks={args.shuffle_blocks}, {store.dtype}->float32 on the host")):
+                       ("rowshuffle-host",
+                        f"shuffle_blocks={args.shuffle_blocks}, {store.dtype}->float32 on the host")):
         print(f"{name} (random blocks of {block_rows}, {what}, batches of {args.batch_size}, "
               f"prefetch {args.prefetch}): {rate[name]:,.0f} rows/s = "
               f"{rate[name] * per_row:.2f} GB/s of stored bytes, {cpu[name] / per_row:.2f} CPU s/GB; "

@@ -351,7 +351,7 @@ class BatchRowsIterator(grain.DatasetIterator):
 
 
 def batch_dataset(source: WindowSource, batch_rows: int, prefetch: int = 2, threads: int | None = None,
-                  dtype: np.dtype = np.dtype(np.float32)) -> grain.IterDataset:
+                  dtype: np.dtype | type = np.float32) -> grain.IterDataset:
     """The grain dataset of one process's local batches ([batch_rows, d_model] in ``dtype``).
 
     Windows are read ``prefetch`` ahead by a thread pool; batches are assembled ahead in one
