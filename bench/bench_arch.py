@@ -33,14 +33,23 @@ import jax.numpy as jnp
 
 from sae_jax.config import load_config, with_d_model
 from sae_jax.models import activations as act
-from sae_jax.models.sae import REGISTRY, BatchTopKSAE, Output, TopKSAE, make_sae, normalized_mse
+from sae_jax.models.sae import (
+    REGISTRY,
+    BatchTopKSAE,
+    Output,
+    TopKSAE,
+    default_matryoshka_widths,
+    make_sae,
+    normalized_mse,
+)
 from sae_jax.train import step as step_lib
 from sae_jax.train.state import init_state
 
-ARCHS = ("relu", "gated", "jumprelu", "topk", "topk+auxk", "batchtopk", "batchtopk+auxk", "prolu")
+ARCHS = ("relu", "gated", "jumprelu", "topk", "topk+auxk", "batchtopk", "batchtopk+auxk", "matryoshka", "prolu")
+SPARSE = ("topk", "batchtopk", "matryoshka")  # one dense matmul per step: no FLOP bound applies
 FLOPS_PER_BDM = {"gated": 14}  # dense matmul FLOPs per B·d·m of one step; 10 for the other dense archs
 SAELENS = {"relu": "standard", "prolu": "standard", "gated": "gated", "jumprelu": "jumprelu", "topk": "topk",
-           "batchtopk": "batchtopk"}
+           "batchtopk": "batchtopk", "matryoshka": "matryoshka_batchtopk"}
 
 
 class DenseTopKMixin:
@@ -150,10 +159,12 @@ def saelens_tokens_per_s(arch: str, b: int, d: int, m: int, steps: int) -> float
     if name is None:
         return None
     prefix = {"standard": "Standard", "gated": "Gated", "jumprelu": "JumpReLU", "topk": "TopK",
-              "batchtopk": "BatchTopK"}[name]
+              "batchtopk": "BatchTopK", "matryoshka_batchtopk": "MatryoshkaBatchTopK"}[name]
     cls, cfg_cls = getattr(saes, f"{prefix}TrainingSAE"), getattr(saes, f"{prefix}TrainingSAEConfig")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    extra = {"k": 32} if name in ("topk", "batchtopk") else {}
+    extra = {"k": 32} if name in ("topk", "batchtopk", "matryoshka_batchtopk") else {}
+    if name == "matryoshka_batchtopk":
+        extra["matryoshka_widths"] = list(default_matryoshka_widths(m))
     sae = cls(cfg_cls(d_in=d, d_sae=m, dtype="float32", device=device, **extra))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
     x = torch.randn(b, d, device=device)
@@ -215,7 +226,7 @@ def main() -> None:
         bound = flops / (10 * d * m)
         tps = tokens_per_s(arch, b, d, m, a.steps)
         ref = saelens_tokens_per_s(arch, b, d, m, a.steps) if a.saelens else None
-        own = FLOPS_PER_BDM.get(arch, 10) if arch.split("+")[0] not in ("topk", "batchtopk") else None
+        own = FLOPS_PER_BDM.get(arch, 10) if arch.split("+")[0] not in SPARSE else None
         note = f"({tps * own * d * m / flops:.0%} of its {own}·B·d·m)" if own and own != 10 else ""
         if arch.split("+")[0] in ("topk", "batchtopk") and not arch.endswith("+auxk"):
             dense = tokens_per_s(arch, b, d, m, a.steps, dense=True)

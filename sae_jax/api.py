@@ -205,7 +205,7 @@ def initial_params(path: str | Path, sae: SAE, scale: float) -> tuple[Params, St
         t = params["log_threshold"]
         params["log_threshold"] = jnp.log(t) if sae.theta_param == "log" else jnp.exp(t)
     if sae.unit_norm_decoder and not export.is_unit_norm(np.asarray(params["W_dec"])):
-        if sae.name in ("topk", "batchtopk"):
+        if sae.name in ("topk", "batchtopk", "matryoshka"):
             warnings.warn(f"model.init_from '{path}': decoder rows are not unit-norm; the first step renormalizes "
                           "them, which changes the SAE.", stacklevel=2)
         else:

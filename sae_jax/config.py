@@ -51,13 +51,13 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     architecture: str = "relu"
-    """SAE architecture: one of relu, gated, jumprelu, topk, batchtopk, prolu."""
+    """SAE architecture: one of relu, gated, jumprelu, topk, batchtopk, matryoshka, prolu."""
     d_model: int = 0
     """Input width; 0 = take it from the store (a non-zero value must match the store)."""
     d_sae: int = 4096
     """Number of latents (dictionary size)."""
     k: int | None = None
-    """Active latents per token for topk/batchtopk (recipe default 32)."""
+    """Active latents per token for topk/batchtopk/matryoshka (recipe default 32)."""
     k_aux: int | None = None
     """AuxK: how many dead latents reconstruct the residual (topk; default d_model/2)."""
     aux_coefficient: float | None = None
@@ -72,6 +72,9 @@ class ModelConfig:
     """ProLU gradient estimator: 'relu' (prolu_relu) or 'ste' (prolu_ste)."""
     threshold_momentum: float | None = None
     """BatchTopK: EMA momentum of the inference threshold."""
+    matryoshka_widths: list[int] | None = None
+    """Matryoshka: the nested prefix widths, increasing, the last = d_sae; null = d_sae/16, /8,
+    /4, /2, d_sae."""
     init_decoder_norm: float | None = None
     """Norm of decoder rows at init (1.0 for unit-norm recipes, 0.1 for l1_decoder_norm)."""
     init_b_dec: str | None = None
@@ -221,6 +224,11 @@ RECIPES: dict[str, dict[str, Any]] = {
         _COMMON, penalty="none", coefficient=0.0, lr=1e-3, k=32, aux_coefficient=1 / 32,
         threshold_momentum=0.99,
     ),
+    # Bussmann et al. 2025: BatchTopK's recipe, reconstruction summed over nested prefixes.
+    "matryoshka": dict(
+        _COMMON, penalty="none", coefficient=0.0, lr=1e-3, k=32, aux_coefficient=1 / 32,
+        threshold_momentum=0.99,
+    ),
     # Taggart 2024: ProLU with the STE estimator and the sqrt(L1) penalty.
     "prolu": dict(_COMMON, penalty="sqrt_l1", coefficient=0.1, lr=1e-3, prolu_estimator="ste"),
 }
@@ -244,6 +252,7 @@ _ARCH_PENALTIES = {
     "jumprelu": ("l0",),
     "topk": ("none",),
     "batchtopk": ("none",),
+    "matryoshka": ("none",),
     "prolu": ("l1", "sqrt_l1"),
 }
 
@@ -268,6 +277,10 @@ def resolve(cfg: Config) -> Config:
                          ("jumprelu_theta_param", "log"), ("prolu_estimator", "ste"),
                          ("threshold_momentum", 0.99)]:
         recipe.setdefault(key, default)
+    if cfg.model.architecture == "matryoshka":
+        from sae_jax.models.sae import default_matryoshka_widths
+
+        recipe["matryoshka_widths"] = list(default_matryoshka_widths(cfg.model.d_sae))
     cfg = replace(
         cfg,
         model=_fill(cfg.model, recipe),
@@ -302,8 +315,14 @@ def validate(cfg: Config) -> None:
     _check(m.d_model >= 0, "model.d_model", "0 (from the store) or a positive integer", m.d_model)
     _check(0.0 <= cfg.data.holdout_fraction < 1.0, "data.holdout_fraction", "in [0, 1)", cfg.data.holdout_fraction)
     _check(t.eval_tokens >= 0, "train.eval_tokens", "0 or a positive integer", t.eval_tokens)
-    if m.k is not None and m.architecture in ("topk", "batchtopk"):
+    if m.k is not None and m.architecture in ("topk", "batchtopk", "matryoshka"):
         _check(0 < m.k <= m.d_sae, "model.k", f"in 1..model.d_sae ({m.d_sae})", m.k)
+    widths = m.matryoshka_widths
+    if m.architecture == "matryoshka" and widths is not None:
+        ok = bool(widths) and all(isinstance(w, int) and not isinstance(w, bool) for w in widths) and widths[0] > 0 \
+            and all(b > a for a, b in zip(widths, widths[1:], strict=False)) and widths[-1] == m.d_sae
+        _check(ok, "model.matryoshka_widths", f"a strictly increasing list of positive integers ending with "
+               f"model.d_sae ({m.d_sae}), e.g. [{m.d_sae // 4}, {m.d_sae // 2}, {m.d_sae}]", widths)
     if cfg.sparsity.coefficient is not None:
         _check(cfg.sparsity.coefficient >= 0, "sparsity.coefficient", "non-negative", cfg.sparsity.coefficient)
     if cfg.optim.lr is not None:

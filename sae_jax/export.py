@@ -21,6 +21,7 @@ jumprelu               jumprelu    threshold = exp(log_threshold) (or the raw th
 topk                   topk        k; rescale_acts_by_decoder_norm = false
 batchtopk              jumprelu    the inference threshold broadcast to every latent (SAELens
                                    ``BatchTopKTrainingSAE.process_state_dict_for_saving_inference``)
+matryoshka             jumprelu    as batchtopk (SAELens saves its Matryoshka BatchTopK the same way)
 prolu                  jumprelu    exact at inference: b_enc = 0, threshold = max(-b, 0), because
                                    m H(m + b) H(m) = ReLU(m) H(m - max(-b, 0)) (Taggart 2024's gate)
 =====================  ==========  ==============================================================
@@ -134,7 +135,7 @@ def fold_decoder_norms(sae: SAE, params: Params) -> Params:
     so scaling them by n_i and W_dec_i by 1/n_i keeps every x_hat. TopK/BatchTopK selection
     would change, so they raise ValueError.
     """
-    if sae.name in ("topk", "batchtopk"):
+    if sae.name in ("topk", "batchtopk", "matryoshka"):
         raise ValueError(f"folding decoder norms changes which latents a {sae.name} SAE selects; "
                          "renormalize its decoder instead.")
     p = _host(params)
@@ -181,7 +182,7 @@ def _prolu(sae, p, s):
 
 
 TO_SAELENS: dict[str, Callable] = {"relu": _standard, "gated": _gated, "jumprelu": _jumprelu, "topk": _topk,
-                                   "batchtopk": _batchtopk, "prolu": _prolu}
+                                   "batchtopk": _batchtopk, "matryoshka": _batchtopk, "prolu": _prolu}
 """Our architecture -> fn(sae, params, stats) -> (SAELens architecture, tensors, extra cfg fields)."""
 
 
@@ -222,7 +223,8 @@ def _from_prolu(sae, t):
 
 
 FROM_SAELENS: dict[str, Callable] = {"relu": _from_base, "gated": _from_gated, "jumprelu": _from_jumprelu,
-                                     "topk": _from_base, "batchtopk": _from_batchtopk, "prolu": _from_prolu}
+                                     "topk": _from_base, "batchtopk": _from_batchtopk,
+                                     "matryoshka": _from_batchtopk, "prolu": _from_prolu}
 """Our architecture -> fn(sae, SAELens tensors) -> (params, stats overrides): the inverse mapping."""
 
 

@@ -35,7 +35,7 @@ METRICS = ("steps", "l0", "fvu", "explained_variance", "dead_fraction", "dense_f
            "recovered_fraction")
 _NOT_HPARAMS = ("train.workdir", "train.progress", "train.log_every", "sweep.", "distributed.", "model.d_model",
                 "model.k_aux")
-K_ARCHITECTURES = ("topk", "batchtopk")
+K_ARCHITECTURES = ("topk", "batchtopk", "matryoshka")
 
 
 def find_runs(dirs: Iterable[str | Path]) -> list[Path]:

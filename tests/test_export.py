@@ -31,6 +31,7 @@ CASES = {
     "jumprelu_raw": ["model.architecture=jumprelu", "model.jumprelu_theta_param=raw"],
     "topk": ["model.architecture=topk", "model.k=6"],
     "batchtopk": ["model.architecture=batchtopk", "model.k=6"],
+    "matryoshka": ["model.architecture=matryoshka", "model.k=6"],
     "prolu": ["model.architecture=prolu"],
 }
 

@@ -18,7 +18,7 @@ import pytest
 from jax.test_util import check_grads
 
 from sae_jax import metrics
-from sae_jax.config import RECIPES, load_config, with_d_model
+from sae_jax.config import RECIPES, ConfigError, load_config, with_d_model
 from sae_jax.data.synthetic import SynthSpec, generate, ground_truth
 from sae_jax.models import activations as act
 from sae_jax.models.sae import REGISTRY, make_sae, normalized_mse
@@ -84,7 +84,7 @@ def held_out(sae, params, stats):
 # --------------------------------------------------------------------------- on ground truth
 @pytest.mark.parametrize("arch", ARCHS)
 def test_recipe_recovers_features_and_sparsity_follows_its_knob(arch):
-    if arch in ("topk", "batchtopk"):
+    if arch in ("topk", "batchtopk", "matryoshka"):
         sae, [main] = trained(arch, ("model.k=4",))
         _, [denser] = trained(arch, ("model.k=8",))
         result, other = held_out(sae, *main), held_out(sae, *denser)
@@ -95,6 +95,32 @@ def test_recipe_recovers_features_and_sparsity_follows_its_knob(arch):
         result, other = held_out(sae, *main), held_out(sae, *sparser)
         assert other["l0"] < result["l0"], (other, result)  # a larger coefficient, a smaller L0
     assert result["mmcs"] >= 0.8 and result["fvu"] < 0.3, result
+
+
+def test_matryoshka_prefixes_reconstruct_on_their_own():
+    """The nested losses make the first latents a usable SAE by themselves, unlike BatchTopK's."""
+    x, _, _ = data()
+    xe = jnp.asarray(x[TRAIN_ROWS:])
+
+    def prefix_fvu(arch):
+        sae, [(params, stats)] = trained(arch, ("model.k=4",))
+        f = sae.encode(params, xe, stats)
+        first = sae.widths[0] if arch == "matryoshka" else 12
+        return float(metrics.fvu(xe, sae.decode(params, f * (jnp.arange(sae.d_sae) < first))))
+
+    _, sae = configure("matryoshka", *RUN)
+    assert sae.widths == (12, 24, 48, 96, 192)  # the default: d_sae/16 ... d_sae
+    nested, flat = prefix_fvu("matryoshka"), prefix_fvu("batchtopk")
+    assert nested < 0.75 * flat, (nested, flat)
+
+
+def test_matryoshka_widths_are_checked():
+    with pytest.raises(ConfigError, match="model.matryoshka_widths.*ending with model.d_sae"):
+        load_config(None, ["model.architecture=matryoshka", "model.d_sae=64", "model.matryoshka_widths=[8,4,64]"])
+    with pytest.raises(ConfigError, match="model.matryoshka_widths"):
+        load_config(None, ["model.architecture=matryoshka", "model.d_sae=64", "model.matryoshka_widths=[8,32]"])
+    cfg = load_config(None, ["model.architecture=matryoshka", "model.d_sae=64", "model.matryoshka_widths=[8,32,64]"])
+    assert make_sae(cfg.model, cfg.sparsity.penalty).widths == (8, 32, 64)
 
 
 def test_topk_keeps_at_most_k_and_exactly_k_where_positive():
@@ -158,14 +184,17 @@ def dense_topk_loss(sae, params, x, stats):
         kept = act.densify(*act.topk_select(pre, sae.k), sae.d_sae)
     f = jnp.where(jax.lax.stop_gradient(kept != 0), jax.nn.relu(pre), 0.0)
     x_hat = f @ params["W_dec"] + params["b_dec"]
+    widths = getattr(sae, "widths", (sae.d_sae,))  # Matryoshka: every nested prefix reconstructs
+    recon = sum(normalized_mse(x, (f * (jnp.arange(sae.d_sae) < w)) @ params["W_dec"] + params["b_dec"])
+                for w in widths)
     dead = sae.dead_mask(stats)
     aux_kept = act.densify(*act.topk_select(jnp.where(dead, pre, -jnp.inf), sae.k_aux), sae.d_sae)
     e_hat = jnp.where(jax.lax.stop_gradient(aux_kept != 0), jax.nn.relu(pre), 0.0) @ params["W_dec"]
     aux = sae.aux_coefficient * normalized_mse(jax.lax.stop_gradient(x - x_hat), e_hat)
-    return normalized_mse(x, x_hat) + jnp.where(jnp.any(dead), aux, 0.0)
+    return recon + jnp.where(jnp.any(dead), aux, 0.0)
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
 @pytest.mark.parametrize("dead", [False, True])
 def test_sparse_paths_equal_the_dense_model_in_values_and_gradients(arch, dead):
     sae, params = small(arch, "model.k_aux=6")
@@ -321,7 +350,7 @@ def test_dense_step_is_its_five_matmuls_without_the_input_cotangent(arch):
     assert {s: shapes.count(s) for s in set(shapes)} == expected, shapes
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
 def test_sparse_step_has_one_dense_matmul(arch):
     b, d, m = 96, 24, 160
     shapes = [s for s in matmul_shapes(arch, b, d, m) if "1" not in s.split(",")]

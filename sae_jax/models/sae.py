@@ -424,6 +424,54 @@ class BatchTopKSAE(TopKSAE):
 
 
 @dataclass(frozen=True)
+class MatryoshkaSAE(BatchTopKSAE):
+    """Matryoshka BatchTopK (Bussmann et al. 2025, arXiv 2503.17547; Nabeshima 2024).
+
+    BatchTopK's selection, threshold and AuxK over the whole dictionary; the reconstruction
+    loss is summed over nested prefixes of the latents: with widths w_1 < … < w_G = m,
+    L = Σ_g ‖x − x̂_g‖² / ‖x − mean x‖² (batch) + AuxK, x̂_g = Σ_{kept i < w_g} f_i W_dec,i + b_dec
+    (SAELens ``matryoshka_batchtopk_sae.py`` sums the same per-level losses, as plain MSE).
+    Each level is a sparse decode of the kept latents below its width (B·k·d FLOPs); the
+    model used at inference is the full width, so export and encode are BatchTopK's.
+    """
+
+    widths: tuple[int, ...] = ()
+    name: ClassVar[str] = "matryoshka"
+
+    def __post_init__(self):
+        w = tuple(self.widths) or default_matryoshka_widths(self.d_sae)
+        if any(b <= a for a, b in zip(w, w[1:], strict=False)) or w[0] <= 0 or w[-1] != self.d_sae:
+            raise ValueError(f"model.matryoshka_widths={list(w)} must increase strictly from a positive width to "
+                             f"model.d_sae={self.d_sae}.")
+        object.__setattr__(self, "widths", w)
+
+    def forward(self, params, x, stats):
+        code, aux_code = self.sparse_codes(params, x, stats)
+        n = x.shape[0]
+        levels = self.level_reconstructions(params, code, n)
+        x_hat = levels[-1]
+        aux = self.auxk(params, x, x_hat, aux_code, stats)
+        kept = jax.lax.stop_gradient(code)
+        f = act.densify_code(kept, n, self.d_sae)
+        fired = jnp.zeros((self.d_sae,), bool).at[kept.cols].max(kept.values > 0)
+        recon = sum(normalized_mse(x, level) for level in levels)
+        return Output(x_hat, f, recon, jnp.zeros(()), aux, {"fired": fired, **self.code_extras(kept)})
+
+    def level_reconstructions(self, params: Params, code: act.SparseCode, n: int) -> list[jax.Array]:
+        """x̂_g for every width: the kept latents below w_g decoded, plus b_dec."""
+        out = []
+        for width in self.widths:
+            inside = code._replace(values=jnp.where(code.cols < width, code.values, 0.0))
+            out.append(act.decode_code(inside, params["W_dec"], n) + params["b_dec"])
+        return out
+
+
+def default_matryoshka_widths(d_sae: int) -> tuple[int, ...]:
+    """d_sae/16, /8, /4, /2 and d_sae (fewer where d_sae is small)."""
+    return tuple(sorted({max(1, d_sae >> s) for s in range(4, -1, -1)}))
+
+
+@dataclass(frozen=True)
 class ProLUSAE(SAE):
     """ProLU SAE (Taggart 2024, "ProLU: A Nonlinearity for Sparse Autoencoders").
 
@@ -461,7 +509,7 @@ class ProLUSAE(SAE):
 
 
 REGISTRY: dict[str, type[SAE]] = {
-    cls.name: cls for cls in (SAE, GatedSAE, JumpReLUSAE, TopKSAE, BatchTopKSAE, ProLUSAE)
+    cls.name: cls for cls in (SAE, GatedSAE, JumpReLUSAE, TopKSAE, BatchTopKSAE, MatryoshkaSAE, ProLUSAE)
 }
 
 
@@ -479,6 +527,8 @@ def make_sae(model: Any, penalty: str, dead_tokens: int = 10_000_000) -> SAE:
         "topk": dict(k=model.k, k_aux=model.k_aux, aux_coefficient=model.aux_coefficient),
         "batchtopk": dict(k=model.k, k_aux=model.k_aux, aux_coefficient=model.aux_coefficient,
                           threshold_momentum=model.threshold_momentum),
+        "matryoshka": dict(k=model.k, k_aux=model.k_aux, aux_coefficient=model.aux_coefficient,
+                           threshold_momentum=model.threshold_momentum, widths=tuple(model.matryoshka_widths or ())),
         "prolu": dict(estimator=model.prolu_estimator),
     }.get(model.architecture, {})
     return cls(**common, **extra)
