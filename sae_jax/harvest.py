@@ -424,11 +424,10 @@ def _progress_bar(enabled: bool, buffers: range, first: int, plan: Plan, out: Pa
     """A tqdm bar over this process's model input tokens (its rate is tokens/s), or None."""
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from sae_jax import progress
 
     sizes = [len(plan.buffer_contexts_range(b)) * plan.contexts.shape[1] for b in buffers]
-    return tqdm(total=sum(sizes), initial=sum(sizes[:first]), desc=f"harvest {out.name}", unit="tok",
-                unit_scale=True, dynamic_ncols=True)
+    return progress.bar(sum(sizes), sum(sizes[:first]), desc=f"harvest {out.name}", unit="tok", unit_scale=True)
 
 
 def _merge(out: Path, parts: Path, plan: Plan, n_proc: int, meta: dict, layout: dict):

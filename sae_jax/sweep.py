@@ -53,7 +53,7 @@ import jax
 import numpy as np
 import yaml
 
-from sae_jax import api, checkpoint, report, sharding
+from sae_jax import api, checkpoint, progress, report, sharding
 from sae_jax import config as config_lib
 from sae_jax.config import Config, ConfigError
 from sae_jax.data import pipeline
@@ -479,6 +479,4 @@ def finish_group(group: Group, wall: float, loader, resumed_from: int = 0) -> di
 
 
 def _progress(total: int, start: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc="sweep", unit="step", dynamic_ncols=True)
+    return progress.bar(total, start, desc="sweep")

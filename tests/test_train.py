@@ -83,3 +83,11 @@ def test_missing_store_is_one_line_error(tmp_path, capsys):
 def test_d_model_mismatch_names_field(small_store, tmp_path):
     with pytest.raises(Exception, match="model.d_model"):
         train(_cfg(small_store, tmp_path / "r", "model.d_model=48"))
+
+
+def test_progress_bar_redraws_rarely_in_log_files():
+    from sae_jax import progress
+
+    bar = progress.bar(10, 2, desc="t")  # pytest captures stderr: a file, not a terminal
+    assert bar.mininterval == progress.LOG_SECONDS and bar.n == 2 and bar.total == 10
+    bar.close()

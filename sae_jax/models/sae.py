@@ -197,7 +197,8 @@ class SAE:
     # ------------------------------------------------------------------ statistics
     def update_stats(self, stats: Stats, out: Output) -> Stats:
         """Advance the tokens-since-fired counters by one batch."""
-        fired = out.extras["fired"] if "fired" in out.extras else jnp.any(out.f != 0, axis=0)
+        # max |f| per latent: one column reduction of f, no [B, m] boolean array
+        fired = out.extras["fired"] if "fired" in out.extras else jnp.max(jnp.abs(out.f), axis=0) > 0
         n = out.f.shape[0]
         since = jnp.minimum(stats["tokens_since_fired"] + n, INT_CAP)
         return dict(stats, tokens_since_fired=jnp.where(fired, 0, since).astype(jnp.int32))

@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sae_jax import api, checkpoint, sharding
+from sae_jax import api, checkpoint, progress, sharding
 from sae_jax import config as config_lib
 from sae_jax.data import pipeline
 from sae_jax.data import store as store_lib
@@ -278,6 +278,4 @@ class MetricsLog:
 
 
 def _progress(total: int, start: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    return progress.bar(total, start, desc="train")
