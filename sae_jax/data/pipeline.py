@@ -172,8 +172,7 @@ class WindowSource:
         p = self.plan
         return (f"WindowSource(store={self.store.identity}, site={self.site}, rows=[{p.lo}, {p.hi}), seed={p.seed}, "
                 f"block_rows={p.block_rows}, window_rows={p.window_rows}, shuffle_rows={p.shuffle_rows}, "
-                f"process={p.process_index}/"
-                f"{p.process_count}, epochs={p.num_epochs}, nonfinite={self.nonfinite})")
+                f"process={p.process_index}/{p.process_count}, epochs={p.num_epochs}, nonfinite={self.nonfinite})")
 
     def __getitem__(self, index: int) -> Window:
         pieces = self.plan.pieces(index)
