@@ -20,9 +20,9 @@ DENSE_THRESHOLD = 0.1  # a latent firing on more than 10% of tokens counts as de
 
 def l0(f: jax.Array) -> jax.Array:
     """Mean over tokens of the number of nonzero latents."""
-    # A float sum of sign(|f|): XLA:CPU fuses it into one reduction (a comparison would write a
-    # [B, m] mask first). Exact while the batch holds fewer than 2^24 nonzeros.
-    return jnp.sum(jnp.sign(jnp.abs(f))) / math.prod(f.shape[:-1])
+    # Counted in int32 (exact), then averaged in float32.
+    counts = jnp.sum((f != 0).reshape(-1, f.shape[-1]), axis=0, dtype=jnp.int32)
+    return jnp.sum(counts).astype(jnp.float32) / math.prod(f.shape[:-1])
 
 
 def fvu(x: jax.Array, x_hat: jax.Array) -> jax.Array:
