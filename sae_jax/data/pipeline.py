@@ -42,7 +42,7 @@ import grain
 import numpy as np
 import tensorstore as ts
 
-from sae_jax.data.store import DTYPES, Store, StoreError, shard_file
+from sae_jax.data.store import DTYPES, Store, StoreError, shard_file, to_float32
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class WindowSource:
         # One copy of the blocks laid end to end: tensorstore decodes the chunks concurrently and
         # writes each straight into place in an aligned buffer (which a CPU device can then use as is).
         done = ts.array(rows, copy=False, write=True).write(ts.concat([array[a:b] for a, b in pieces], axis=0))
-        self.store.read_result(done, f"window {index} (rows {pieces}) of site '{self.site}'")
+        self.store.checked_result(done, f"window {index} (rows {pieces}) of site '{self.site}'")
         return Window(index, rows, self.plan.row_order(index, len(rows)), pieces)
 
     def row_ids(self, window: Window, positions: np.ndarray) -> np.ndarray:
@@ -199,25 +199,16 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return buffer[start:start + nbytes].view(dtype).reshape(shape)
 
 
-def convert(rows: np.ndarray, out: np.ndarray) -> None:
-    """out[:] = rows in out's dtype; bfloat16 widens to float32 exactly: its 16 bits become the
-    top half of a float32."""
-    if rows.dtype == out.dtype:
-        np.copyto(out, rows)
-    else:
-        bits = out.view(np.uint32)
-        np.copyto(bits, rows.view(np.uint16))
-        bits <<= 16
-
-
 def gather(rows: np.ndarray, idx: np.ndarray | None, out: np.ndarray) -> None:
-    """out[:] = rows[idx] in out's dtype (idx None: the first len(out) rows)."""
-    if idx is None:
-        convert(rows[:len(out)], out)
-    elif rows.dtype == out.dtype:
+    """out[:] = rows[idx] in out's dtype, the store's or float32 (idx None: the first len(out) rows)."""
+    if idx is not None and rows.dtype == out.dtype:
         np.take(rows, idx, axis=0, out=out)
+    elif idx is not None:
+        to_float32(np.take(rows.view(np.uint16), idx, axis=0).view(rows.dtype), out)
+    elif rows.dtype == out.dtype:
+        np.copyto(out, rows[:len(out)])
     else:
-        convert(np.take(rows.view(np.uint16), idx, axis=0).view(rows.dtype), out)
+        to_float32(rows[:len(out)], out)
 
 
 def nonfinite_rows(rows: np.ndarray) -> np.ndarray | None:

@@ -165,6 +165,21 @@ def _as_2d(array: np.ndarray, d_model: int, where: str) -> np.ndarray:
     return array.reshape(-1, d_model)
 
 
+def to_float32(rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``rows`` as float32 (into ``out`` if given). bfloat16 widens exactly, its 16 bits becoming
+    the top half of a float32: one integer shift, several times faster than a cast."""
+    if rows.dtype == np.float32:
+        if out is None:
+            return rows
+        np.copyto(out, rows)
+        return out
+    out = np.empty(rows.shape, np.float32) if out is None else out
+    bits = out.view(np.uint32)
+    np.copyto(bits, rows.view(np.uint16))
+    bits <<= 16
+    return out
+
+
 # --------------------------------------------------------------------------- writer
 
 
@@ -468,13 +483,18 @@ class Store:
         return self._arrays[site]
 
     def read_async(self, start: int, stop: int, *, site: str | None = None) -> ts.Future:
-        """Start reading rows [start, stop) of a site as float32; ``read_result`` waits for it."""
+        """Start reading rows [start, stop) of a site (in the storage dtype); ``read_result`` waits
+        for it and returns float32."""
         if not 0 <= start <= stop <= self.n_tokens:
             raise StoreError(f"{self.path}: rows [{start}, {stop}) are outside [0, {self.n_tokens}).")
-        return ts.cast(self.array(site), ts.float32)[start:stop].read()
+        return self.array(site)[start:stop].read()
 
     def read_result(self, future: ts.Future, what: str) -> np.ndarray:
-        """The array of a ``read_async`` future; a damaged or missing shard becomes a StoreError."""
+        """The rows of a ``read_async`` future as float32; a damaged or missing shard becomes a StoreError."""
+        return to_float32(self.checked_result(future, what))
+
+    def checked_result(self, future, what: str):
+        """``future.result()``, with a damaged or missing shard turned into a StoreError naming ``what``."""
         try:
             return future.result()
         except ValueError as e:
