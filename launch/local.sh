@@ -6,6 +6,7 @@
 # Usage: launch/local.sh NPROC CONFIG [key=value ...]
 #   e.g. launch/local.sh 2 configs/demo.yaml model.d_sae=4096
 #        SAE_JAX_CMD=sweep launch/local.sh 2 configs/demo.yaml
+#        SAE_JAX_CMD=harvest launch/local.sh 2 OUT --model M --corpus C --hooks H --tokens N
 #
 # Environment:
 #   SAE_JAX_CMD    subcommand to run (default: train)
@@ -21,7 +22,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '6,8p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '6,9p' "$0" | sed 's/^# \{0,1\}//' >&2
   echo "See the header of $0 for the environment variables." >&2
   exit 2
 }

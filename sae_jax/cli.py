@@ -184,10 +184,27 @@ def _cmd_import(args) -> int:
     return 0
 
 
+def _harvest_distributed(args) -> tuple[str, int, int]:
+    """(coordinator, num_processes, process_id) from the flags, overridden by ``distributed.*=``
+    arguments (the form ``launch/local.sh`` passes to every subcommand)."""
+    from sae_jax import config as config_lib
+
+    d = {"coordinator": args.coordinator, "num_processes": args.num_processes, "process_id": args.process_id}
+    for text in args.overrides:
+        key, value = config_lib.parse_override(text)
+        name = key.removeprefix("distributed.")
+        if not key.startswith("distributed.") or name not in d:
+            raise config_lib.ConfigError(f"sae-jax harvest: '{text}' is not a distributed.coordinator, "
+                                         "distributed.num_processes or distributed.process_id override; its other "
+                                         "settings are flags (see sae-jax harvest --help).")
+        d[name] = config_lib.get_path(config_lib.load_config(None, [text], resolve_recipe=False), key)
+    return d["coordinator"], d["num_processes"], d["process_id"]
+
+
 def _cmd_harvest(args) -> int:
     from sae_jax import harvest, sharding
 
-    sharding.init_distributed(args.coordinator, args.num_processes, args.process_id)
+    sharding.init_distributed(*_harvest_distributed(args))
     source = harvest.load_model(args.model)
     store = harvest.harvest(
         args.out, source, harvest.load_corpus(args.corpus), hooks=[h for h in args.hooks.split(",") if h],
@@ -352,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     hv.add_argument("--num-processes", type=int, default=0, help="processes in the harvest (each takes every N-th "
                     "buffer; process 0 merges)")
     hv.add_argument("--process-id", type=int, default=-1, help="this process's index")
+    hv.add_argument("overrides", nargs="*", metavar="distributed.KEY=VALUE",
+                    help="the same three settings as overrides, as launch/local.sh passes them")
     hv.set_defaults(fn=_cmd_harvest)
 
     el = sub.add_parser("eval-lm", help="CE loss and KL with each SAE spliced into the language model",
@@ -376,7 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a command; user errors print one line and exit with status 2."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.fn is not _cmd_harvest or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # launch/local.sh appends distributed.*= after harvest's flags
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.fn(args)
     except KeyboardInterrupt:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from sae_jax import cli, harvest
+from sae_jax.config import ConfigError
 from sae_jax.data import store as store_lib
 from sae_jax.data.store import StoreError
 from sae_jax.lm import function_source
@@ -212,12 +213,37 @@ def test_two_process_harvest_holds_the_same_rows(tiny, tmp_path):
              for p in range(2)]
     logs = [proc.communicate(timeout=300)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    # The same job through the launcher, which passes distributed.* overrides instead of flags.
+    out, *rest = harvest_args(tmp_path / "three", tiny)[1:]
+    launched = subprocess.run(["bash", str(ROOT / "launch" / "local.sh"), "2", out, *rest], cwd=ROOT,
+                              env=env | {"SAE_JAX_CMD": "harvest", "PYTHON": sys.executable,
+                                         "LOG_DIR": str(tmp_path / "logs")},
+                              capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-2000:] + "".join(
+        p.read_text()[-2000:] for p in sorted((tmp_path / "logs").glob("proc*.log")))
+    assert checksums(store_lib.open_store(tmp_path / "three")) == checksums(one)
     two = store_lib.open_store(tmp_path / "two")
     assert checksums(two) == checksums(one)
     assert two.metadata["source"] == one.metadata["source"]
     assert not (tmp_path / "two.parts").exists()
     for h in one.sites:
         np.testing.assert_array_equal(two.read(0, two.n_tokens, site=h), one.read(0, one.n_tokens, site=h))
+
+
+def test_harvest_takes_distributed_overrides_or_flags():
+    def parse(*extra):  # as main does: overrides after the flags (launch/local.sh) land in extra
+        args, rest = cli.build_parser().parse_known_args(["harvest", "out", "--model", "m", "--corpus", "c",
+                                                          "--hooks", "h", "--tokens", "8", *extra])
+        args.overrides = [*args.overrides, *rest]
+        return args
+
+    flags = parse("--coordinator", "h:1", "--num-processes", "2", "--process-id", "1")
+    over = parse("distributed.coordinator=h:1", "distributed.num_processes=2", "distributed.process_id=1")
+    assert cli._harvest_distributed(flags) == cli._harvest_distributed(over) == ("h:1", 2, 1)
+    with pytest.raises(ConfigError, match="'model.d_sae=4' is not a distributed"):
+        cli._harvest_distributed(parse("model.d_sae=4"))
+    with pytest.raises(ConfigError, match="distributed.num_processes"):
+        cli._harvest_distributed(parse("distributed.num_processes=two"))
 
 
 # --------------------------------------------------------------------------- a user's callable, MiniLM
