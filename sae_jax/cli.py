@@ -191,7 +191,7 @@ def _harvest_distributed(args) -> tuple[str, int, int]:
 
     d = {"coordinator": args.coordinator, "num_processes": args.num_processes, "process_id": args.process_id}
     for text in args.overrides:
-        key, value = config_lib.parse_override(text)
+        key = config_lib.parse_override(text)[0]
         name = key.removeprefix("distributed.")
         if not key.startswith("distributed.") or name not in d:
             raise config_lib.ConfigError(f"sae-jax harvest: '{text}' is not a distributed.coordinator, "

@@ -202,6 +202,8 @@ class Config:
 _COMMON = dict(beta1=0.9, beta2=0.999, aux_coefficient=0.0, init_decoder_norm=1.0, grad_clip=0.0,
                init_b_dec="geometric_median", apply_b_dec_to_input=True)
 
+_TOPK = dict(_COMMON, penalty="none", coefficient=0.0, lr=1e-3, k=32, aux_coefficient=1 / 32)
+
 RECIPES: dict[str, dict[str, Any]] = {
     # Coefficients are for activations normalized to E||x||^2 = 1 (data.normalize). Measured on synthetic
     # data (d 32, 96 true features, 4 per token, d_sae 192; tests/test_models.py): each recovers the features
@@ -219,16 +221,10 @@ RECIPES: dict[str, dict[str, Any]] = {
         jumprelu_eps=1e-2, jumprelu_theta_init=1e-2, jumprelu_theta_param="log", apply_b_dec_to_input=False,
     ),
     # Gao et al. 2024: AuxK alpha = 1/32. k = 32 suits LM sites; set model.k to the data's sparsity.
-    "topk": dict(_COMMON, penalty="none", coefficient=0.0, lr=1e-3, k=32, aux_coefficient=1 / 32),
-    "batchtopk": dict(
-        _COMMON, penalty="none", coefficient=0.0, lr=1e-3, k=32, aux_coefficient=1 / 32,
-        threshold_momentum=0.99,
-    ),
+    "topk": _TOPK,
+    "batchtopk": dict(_TOPK, threshold_momentum=0.99),
     # Bussmann et al. 2025: BatchTopK's recipe, reconstruction summed over nested prefixes.
-    "matryoshka": dict(
-        _COMMON, penalty="none", coefficient=0.0, lr=1e-3, k=32, aux_coefficient=1 / 32,
-        threshold_momentum=0.99,
-    ),
+    "matryoshka": dict(_TOPK, threshold_momentum=0.99),
     # Taggart 2024: ProLU with the STE estimator and the sqrt(L1) penalty.
     "prolu": dict(_COMMON, penalty="sqrt_l1", coefficient=0.1, lr=1e-3, prolu_estimator="ste"),
 }

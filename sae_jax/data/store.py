@@ -373,10 +373,9 @@ def sample_stats(array: ts.TensorStore, max_rows: int, block_rows: int = DEFAULT
     """Statistics of up to ``max_rows`` rows read as evenly spaced blocks; non-finite rows are counted apart."""
     n = array.shape[0]
     starts = _sample_starts(n, max_rows, block_rows)
-    f32 = ts.cast(array, ts.float32)
     sq, abs_max, bad = [], 0.0, 0
     for start in starts:
-        rows = f32[start:min(start + block_rows, n)].read().result()
+        rows = to_float32(array[start:min(start + block_rows, n)].read().result())
         finite = np.isfinite(rows).all(axis=1)
         bad += int((~finite).sum())
         rows = rows[finite]

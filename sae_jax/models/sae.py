@@ -359,13 +359,18 @@ class TopKSAE(SAE):
     def forward(self, params, x, stats):
         code, aux_code = self.sparse_codes(params, x, stats)
         n = x.shape[0]
-        x_hat = act.decode_code(code, params["W_dec"], n) + params["b_dec"]
+        x_hat, recon = self.reconstruction(params, x, code)
         aux = self.auxk(params, x, x_hat, aux_code, stats)
         kept = jax.lax.stop_gradient(code)
         f = act.densify_code(kept, n, self.d_sae)
         fired = jnp.zeros((self.d_sae,), bool).at[kept.cols].max(kept.values > 0)
         extras = {"fired": fired, **self.code_extras(kept)}
-        return Output(x_hat, f, normalized_mse(x, x_hat), jnp.zeros(()), aux, extras)
+        return Output(x_hat, f, recon, jnp.zeros(()), aux, extras)
+
+    def reconstruction(self, params: Params, x: jax.Array, code: act.SparseCode) -> tuple[jax.Array, jax.Array]:
+        """(x̂, reconstruction loss) of the kept code: a sparse decode and the normalized MSE."""
+        x_hat = act.decode_code(code, params["W_dec"], x.shape[0]) + params["b_dec"]
+        return x_hat, normalized_mse(x, x_hat)
 
     def code_extras(self, code: act.SparseCode) -> dict[str, jax.Array]:
         """Values ``update_stats`` needs from the kept code (none for TopK)."""
@@ -446,25 +451,12 @@ class MatryoshkaSAE(BatchTopKSAE):
                              f"model.d_sae={self.d_sae}.")
         object.__setattr__(self, "widths", w)
 
-    def forward(self, params, x, stats):
-        code, aux_code = self.sparse_codes(params, x, stats)
-        n = x.shape[0]
-        levels = self.level_reconstructions(params, code, n)
-        x_hat = levels[-1]
-        aux = self.auxk(params, x, x_hat, aux_code, stats)
-        kept = jax.lax.stop_gradient(code)
-        f = act.densify_code(kept, n, self.d_sae)
-        fired = jnp.zeros((self.d_sae,), bool).at[kept.cols].max(kept.values > 0)
-        recon = sum(normalized_mse(x, level) for level in levels)
-        return Output(x_hat, f, recon, jnp.zeros(()), aux, {"fired": fired, **self.code_extras(kept)})
-
-    def level_reconstructions(self, params: Params, code: act.SparseCode, n: int) -> list[jax.Array]:
-        """x̂_g for every width: the kept latents below w_g decoded, plus b_dec."""
-        out = []
-        for width in self.widths:
-            inside = code._replace(values=jnp.where(code.cols < width, code.values, 0.0))
-            out.append(act.decode_code(inside, params["W_dec"], n) + params["b_dec"])
-        return out
+    def reconstruction(self, params, x, code):
+        """x̂ of the whole dictionary, and the normalized MSE summed over every nested prefix: x̂_g
+        decodes the kept latents below w_g (plus b_dec)."""
+        levels = [act.decode_code(code._replace(values=jnp.where(code.cols < width, code.values, 0.0)),
+                                  params["W_dec"], x.shape[0]) + params["b_dec"] for width in self.widths]
+        return levels[-1], sum(normalized_mse(x, level) for level in levels)
 
 
 def default_matryoshka_widths(d_sae: int) -> tuple[int, ...]:
