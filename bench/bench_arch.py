@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from sae_jax import hostmem
 from sae_jax.config import load_config, with_d_model
 from sae_jax.models import activations as act
 from sae_jax.models.sae import (
@@ -89,7 +90,7 @@ def machine() -> str:
         pass
     devices = jax.devices()
     return (f"{platform.platform()}; {cpu}, {os.cpu_count()} CPUs; jax {jax.__version__}, backend "
-            f"{jax.default_backend()}, {len(devices)} x {devices[0].device_kind}")
+            f"{jax.default_backend()}, {len(devices)} x {devices[0].device_kind}; {hostmem.describe()}")
 
 
 def timed(fn, steps: int) -> float:
@@ -202,6 +203,7 @@ def saelens_version() -> str:
 
 
 def main() -> None:
+    hostmem.reexec_with_hugepages()  # as the sae-jax command runs
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--d-sae", type=int, default=16384)

@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sae_jax import checkpoint, sharding  # noqa: E402
+from sae_jax import checkpoint, hostmem, sharding  # noqa: E402
 from sae_jax import config as config_lib  # noqa: E402
 from sae_jax.data import pipeline  # noqa: E402
 from sae_jax.data import store as store_lib  # noqa: E402
@@ -59,6 +59,7 @@ def digest_now(state, replicated):
 
 
 def main() -> None:
+    hostmem.reexec_with_hugepages()  # as the sae-jax command runs
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--d-sae", type=int, default=16384)
@@ -107,7 +108,7 @@ def main() -> None:
     mb = sum(x.size * x.dtype.itemsize for x in leaves) / 2**20
     med = statistics.median
     print(f"machine     {platform.machine()} {os.cpu_count()} CPUs, {jax.device_count()} {jax.default_backend()} "
-          f"device(s); jax {jax.__version__}")
+          f"device(s); jax {jax.__version__}; {hostmem.describe()}")
     print(f"config      d_model {a.d_model}, d_sae {a.d_sae}, batch {a.batch}; state {mb:.0f} MiB in {len(leaves)} "
           f"leaves")
     print(f"step        {med(step_s) * 1e3:8.1f} ms  (median of {len(step_s)})")

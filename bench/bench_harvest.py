@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from sae_jax import hostmem  # noqa: E402
 from sae_jax.lm import find_smollm2_gguf, gguf_source, hook_name  # noqa: E402
 
 
@@ -74,11 +75,13 @@ def machine() -> str:
         cpu = names[0] if names else cpu
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, jax backend {jax.default_backend()} ({jax.devices()[0].device_kind})"
+    backend = f"jax backend {jax.default_backend()} ({jax.devices()[0].device_kind})"
+    return f"{cpu}, {os.cpu_count()} cores, {backend}, {hostmem.describe()}"
 
 
 def main() -> None:
     """Parse arguments, time both sources, print the comparison."""
+    hostmem.reexec_with_hugepages()  # as the sae-jax command runs
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layer", type=int, default=15)
     parser.add_argument("--batch", type=int, default=8)

@@ -35,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sae_jax import hostmem  # noqa: E402
 from sae_jax.data import pipeline  # noqa: E402
 from sae_jax.data import store as store_lib  # noqa: E402
 
@@ -88,10 +89,11 @@ def pipeline_read(store: store_lib.Store, args, shuffle_blocks: int | None, dtyp
 def machine() -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
     return (f"{platform.platform()}, {platform.processor() or platform.machine()}, cpu_count={os.cpu_count()}, "
-            f"python {platform.python_version()}, load average {load[0]:.2f}")
+            f"python {platform.python_version()}, load average {load[0]:.2f}, {hostmem.describe()}")
 
 
 def main(argv=None) -> int:
+    hostmem.reexec_with_hugepages()  # as the sae-jax command runs
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", help="an existing store to read (default: make one in --workdir)")
     p.add_argument("--workdir", help="where to make the store (default: a temporary directory, removed after)")

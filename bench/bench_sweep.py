@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 
 from sae_jax import config as config_lib  # noqa: E402
+from sae_jax import hostmem  # noqa: E402
 from sae_jax.data import store as store_lib  # noqa: E402
 from sae_jax.data.synthetic import SynthSpec, write_synthetic  # noqa: E402
 from sae_jax.report import plot_pareto, write_report  # noqa: E402
@@ -108,6 +109,7 @@ def report(name: str, m: dict, row_bytes: int, eval_tokens: int, sweep_mode: boo
 
 
 def main() -> None:
+    hostmem.reexec_with_hugepages()  # as the sae-jax command runs
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--members", type=int, default=8, help="K: sweep members = sequential runs")
     p.add_argument("--architecture", default="relu")
@@ -146,7 +148,7 @@ def main() -> None:
           f"{rows[0]['loader_tokens'] / rows[1]['loader_tokens']:.2f}x fewer loader tokens; max |FVU sweep - "
           f"sequential| = {diff:.2e}")
     machine = (f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-               f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}")
+               f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, {hostmem.describe()}")
     print("machine:", machine)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "machine": machine}, indent=2))

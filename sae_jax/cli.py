@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from sae_jax import hostmem
+
 EXIT_USER_ERROR = 2
 EXIT_CHECKPOINT_FAILED = 3
 """A checkpoint could not be written (e.g. a full disk); the message names the last good one."""
@@ -394,7 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run a command; user errors print one line and exit with status 2."""
+    """Entry point: run a command; user errors print one line and exit with status 2.
+
+    Run as a program (``argv`` None), it first re-executes itself with huge-page malloc
+    where that helps (``sae_jax.hostmem``).
+    """
+    if argv is None:
+        hostmem.reexec_with_hugepages()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and (args.fn is not _cmd_harvest or any(e.startswith("-") for e in extra)):

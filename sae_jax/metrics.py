@@ -8,7 +8,6 @@ dense fractions, the relative reconstruction bias gamma = E||x_hat||^2 / E<x, x_
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -19,10 +18,12 @@ DENSE_THRESHOLD = 0.1  # a latent firing on more than 10% of tokens counts as de
 
 
 def l0(f: jax.Array) -> jax.Array:
-    """Mean over tokens of the number of nonzero latents."""
-    # Counted in int32 (exact), then averaged in float32.
-    counts = jnp.sum((f != 0).reshape(-1, f.shape[-1]), axis=0, dtype=jnp.int32)
-    return jnp.sum(counts).astype(jnp.float32) / math.prod(f.shape[:-1])
+    """Mean over tokens of the number of nonzero latents (NaN if f has a NaN).
+
+    Per-token counts are sums of sign(|f|) along the latents: exact in float32, and a row
+    reduction that XLA fuses without writing a [B, m] mask.
+    """
+    return jnp.mean(jnp.sum(jnp.sign(jnp.abs(f)), axis=-1))
 
 
 def fvu(x: jax.Array, x_hat: jax.Array) -> jax.Array:

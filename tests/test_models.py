@@ -242,6 +242,61 @@ def test_encoder_pre_gradient_is_autodiffs():
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_decoder_matmul_gradient_is_autodiffs():
+    keys = jax.random.split(jax.random.key(1), 3)
+    f, W, g = (jax.random.normal(k, s) for k, s in zip(keys, [(5, 7), (7, 3), (5, 3)], strict=True))
+    check_grads(act.decoder_matmul, (f, W), order=1, modes=("rev",))
+    out, pullback = jax.vjp(act.decoder_matmul, f, W)
+    np.testing.assert_allclose(out, f @ W, rtol=1e-6)
+    for ours, ref in zip(pullback(g), jax.vjp(jnp.matmul, f, W)[1](g), strict=True):
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def gated_code_reference(x, W_gate, b_gate, r_mag, b_mag, b_dec):
+    """Gated's code and gate in plain jnp: what autodiff differentiates for act.gated_code."""
+    h = (x - b_dec) @ W_gate
+    pi_gate, pi_mag = h + b_gate, h * jnp.exp(r_mag) + b_mag
+    f = jax.lax.stop_gradient((pi_gate > 0).astype(x.dtype)) * jax.nn.relu(pi_mag)
+    return f, jax.nn.relu(pi_gate)
+
+
+def test_gated_code_value_and_gradient_are_autodiffs():
+    """All four (π_gate, π_mag) sign cases occur; the written-out VJP equals autodiff of the plain code."""
+    keys = jax.random.split(jax.random.key(2), 8)
+    args = (jax.random.normal(keys[0], (12, 5)), jax.random.normal(keys[1], (5, 9)),
+            0.3 * jax.random.normal(keys[2], (9,)), 0.5 * jax.random.normal(keys[3], (9,)),
+            jax.random.normal(keys[4], (9,)), 0.2 * jax.random.normal(keys[5], (5,)))
+    cot = (jax.random.normal(keys[6], (12, 9)), jax.random.normal(keys[7], (12, 9)))
+    (f, gate), pullback = jax.vjp(act.gated_code, *args)
+    (f_ref, gate_ref), pullback_ref = jax.vjp(gated_code_reference, *args)
+    np.testing.assert_allclose(f, f_ref, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(gate, gate_ref, rtol=1e-6, atol=1e-7)
+    h = (args[0] - args[5]) @ args[1]
+    pi_gate, pi_mag = h + args[2], h * jnp.exp(args[3]) + args[4]
+    cases = {(bool(a), bool(b)) for a, b in zip((pi_gate > 0).ravel(), (pi_mag > 0).ravel(), strict=True)}
+    assert cases == {(True, True), (True, False), (False, True), (False, False)}
+    for name, ours, ref in zip(["x", "W_gate", "b_gate", "r_mag", "b_mag", "b_dec"], pullback(cot), pullback_ref(cot),
+                               strict=True):
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "gated"])
+def test_step_l0_and_firing_statistics_come_from_the_code(arch):
+    """One shared count per latent gives L0 and the dead-latent counters (TopK's from its sparse code)."""
+    _, sae = configure(arch, "model.d_sae=256", "model.k=5", d_model=16)
+    tx = step_lib.optimizer(0.9, 0.999)
+    state = init_state(sae, tx, jax.random.key(0), None, 1e-3, 0.1)
+    state = state.replace(stats=dict(state.stats, tokens_since_fired=jnp.full((256,), 7, jnp.int32)))
+    x = jax.random.normal(jax.random.key(1), (4, 16))  # 4 tokens: some latents fire on none
+    new, m = jax.jit(step_lib.make_train_step(sae, tx, step_lib.lr_factor(1, 10), step_lib.coefficient_factor(1)))(
+        state, x)
+    f = sae.forward(state.params, x, state.stats).f
+    assert float(m["l0"]) == pytest.approx(float(metrics.l0(f)), abs=1e-6)
+    fired = np.asarray(jnp.any(f != 0, axis=0))
+    assert 0 < fired.sum() < 256
+    np.testing.assert_array_equal(np.asarray(new.stats["tokens_since_fired"]), np.where(fired, 0, 7 + 4))
+
+
 @pytest.mark.parametrize("penalty", ["l1", "l1_decoder_norm"])
 def test_gated_aux_term_and_penalty_see_a_frozen_decoder(penalty):
     sae, params = small("gated", f"sparsity.penalty={penalty}")
@@ -344,7 +399,8 @@ def matmul_shapes(arch, b=96, d=24, m=160):
 def test_dense_step_is_its_five_matmuls_without_the_input_cotangent(arch):
     b, d, m = 96, 24, 160
     shapes = [s for s in matmul_shapes(arch, b, d, m) if "1" not in s.split(",")]  # drop matrix-vector products
-    expected = {f"{b},{m}": 2, f"{b},{d}": 1, f"{m},{d}": 1, f"{d},{m}": 1}  # enc, dec, d f, d W_dec, d W_enc
+    # enc and d f; dec; d W_dec (formed transposed: act.decoder_matmul) and d W_enc
+    expected = {f"{b},{m}": 2, f"{b},{d}": 1, f"{d},{m}": 2}
     if arch == "gated":  # the aux term's frozen-decoder forward and its backward to the gate
         expected[f"{b},{m}"], expected[f"{b},{d}"] = 3, 2
     assert {s: shapes.count(s) for s in set(shapes)} == expected, shapes

@@ -42,10 +42,25 @@ def _heaviside(z: jax.Array) -> jax.Array:
     return (z > 0).astype(jnp.result_type(float, z))
 
 
+def batch_sum(a: jax.Array, n: int | None = None) -> jax.Array:
+    """Sum of ``a`` over its ``n`` leading (batch) dims (all but the last by default), as a
+    ones-vector product.
+
+    XLA:CPU's matrix-vector product reads a [4096, 16384] float32 array three times faster
+    than its column reduction (7.5 against 22 ms, jax 0.10), fast enough to pay for writing
+    an elementwise summand first (35 against 51 ms for a masked sum); on GPU the two are
+    alike. Every parameter gradient that sums over the batch goes through here.
+    """
+    n = a.ndim - 1 if n is None else n
+    if n == 0:
+        return a
+    return jnp.tensordot(jnp.ones(a.shape[:n], a.dtype), a, axes=n)
+
+
 def _sum_to(x: jax.Array, like: jax.Array) -> jax.Array:
     """Sum ``x`` over the dims that broadcasting added to ``like``; cast to its dtype."""
     shape = jnp.shape(like)
-    x = x.sum(axis=tuple(range(x.ndim - len(shape))))
+    x = batch_sum(x, x.ndim - len(shape))
     axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
     return x.sum(axis=axes, keepdims=True).astype(jnp.result_type(like))
 
@@ -545,13 +560,39 @@ def _encoder_pre_fwd(x, W_enc, b_enc, b_dec):
 def _encoder_pre_bwd(res, g):
     xc, W_enc, b_enc = res
     lead = tuple(range(g.ndim - 1))
-    d_b_enc = jnp.sum(g, axis=lead)
+    d_b_enc = batch_sum(g)
     d_W_enc = jnp.tensordot(xc, g, axes=(lead, lead))
     d_b_dec = -(W_enc @ d_b_enc)
     return g @ W_enc.T, d_W_enc, _sum_to(d_b_enc, b_enc), d_b_dec
 
 
 encoder_pre.defvjp(_encoder_pre_fwd, _encoder_pre_bwd)
+
+
+@jax.custom_vjp
+def decoder_matmul(f: jax.Array, W_dec: jax.Array) -> jax.Array:
+    """f W_dec, with W_dec's gradient computed as (δᵀ f)ᵀ rather than fᵀ δ.
+
+    Both are the same B·d·m contraction over the batch. XLA:CPU runs the [d, m]-shaped one
+    about 15% faster than the [m, d]-shaped one (200 against 170 GFLOP/s at B 4096, d 768,
+    m 16384, jax 0.10); the barrier keeps it from folding the transpose back into the dot.
+    On GPU the two cost the same and the transpose is a copy of W_dec's size.
+    """
+    return f @ W_dec
+
+
+def _decoder_matmul_fwd(f, W_dec):
+    return f @ W_dec, (f, W_dec)
+
+
+def _decoder_matmul_bwd(res, g):
+    f, W_dec = res
+    lead = tuple(range(g.ndim - 1))
+    d_W = jax.lax.optimization_barrier(jnp.tensordot(g, f, axes=(lead, lead))).T
+    return g @ W_dec.T, d_W
+
+
+decoder_matmul.defvjp(_decoder_matmul_fwd, _decoder_matmul_bwd)
 
 
 def _sparse_encode_fwd(x, W_enc, b_enc, b_dec, dead, k, k_aux, batch, groups):
@@ -606,3 +647,47 @@ def sparse_encode(x: jax.Array, W_enc: jax.Array, b_enc: jax.Array, b_dec: jax.A
 
 
 sparse_encode.defvjp(_sparse_encode_fwd, _sparse_encode_bwd)
+
+
+# --------------------------------------------------------------------------- Gated encoder
+@jax.custom_vjp
+def gated_code(x: jax.Array, W_gate: jax.Array, b_gate: jax.Array, r_mag: jax.Array, b_mag: jax.Array,
+               b_dec: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The Gated SAE's code and gate: (f, ReLU(π_gate)), one encoder matmul shared by both paths.
+
+    h = (x − b_dec) W_gate, π_gate = h + b_gate, π_mag = h ⊙ exp(r_mag) + b_mag,
+    f = sg(H(π_gate)) ⊙ ReLU(π_mag) (Rajamanoharan et al. 2024, arXiv 2404.16014, eq. 6–7 with
+    weight sharing). The VJP is autodiff's, written out so that each [B, m] array is read as few
+    times as possible: ∂π_mag = ∂f ⊙ H(π_gate) H(π_mag), ∂π_gate = ∂gate ⊙ H(π_gate),
+    ∂h = ∂π_gate + exp(r_mag) ⊙ ∂π_mag, and b_dec's gradient −W_gate Σ_b ∂h_b is formed from
+    the bias gradients (Σ_b ∂h = ∂b_gate + exp(r_mag) ⊙ ∂b_mag) without another pass.
+    """
+    return _gated_code_fwd(x, W_gate, b_gate, r_mag, b_mag, b_dec)[0]
+
+
+def _gated_code_fwd(x, W_gate, b_gate, r_mag, b_mag, b_dec):
+    xc = x - b_dec
+    h = xc @ W_gate
+    pi_gate, pi_mag = h + b_gate, h * jnp.exp(r_mag) + b_mag
+    f = jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0)
+    return (f, jax.nn.relu(pi_gate)), (xc, W_gate, h, b_gate, r_mag, b_mag, b_dec)
+
+
+def _gated_code_bwd(res, cotangents):
+    xc, W_gate, h, b_gate, r_mag, b_mag, b_dec = res
+    df, dgate = cotangents
+    scale = jnp.exp(r_mag)
+    on = h + b_gate > 0
+    d_gate = jnp.where(on, dgate, 0.0)
+    d_mag = jnp.where(on & (h * scale + b_mag > 0), df, 0.0)
+    dh = d_gate + scale * d_mag
+    lead = tuple(range(h.ndim - 1))
+    db_gate, db_mag = batch_sum(d_gate), batch_sum(d_mag)
+    dr_mag = scale * batch_sum(d_mag * h)
+    dW = jnp.tensordot(xc, dh, axes=(lead, lead))
+    db_dec = -(W_gate @ (db_gate + scale * db_mag))
+    return (dh @ W_gate.T, dW, _sum_to(db_gate, b_gate), _sum_to(dr_mag, r_mag), _sum_to(db_mag, b_mag),
+            _sum_to(db_dec, b_dec))
+
+
+gated_code.defvjp(_gated_code_fwd, _gated_code_bwd)

@@ -32,6 +32,7 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sae_jax import metrics
 from sae_jax.models import activations as act
 from sae_jax.models import init as init_lib
 
@@ -55,8 +56,8 @@ class Output(NamedTuple):
     aux: jax.Array
     """Auxiliary loss, already weighted (gated's aux term, AuxK); 0 where none."""
     extras: dict[str, jax.Array]
-    """Architecture-specific values for ``update_stats`` ('fired' [m] bool where the code is
-    sparse; BatchTopK's 'min_kept')."""
+    """Architecture-specific values: 'fired' ([m] bool) and 'l0' where the code is sparse, so
+    that the step need not form the dense ``f``; BatchTopK's 'min_kept'."""
 
 
 def squared_error(x: jax.Array, x_hat: jax.Array) -> jax.Array:
@@ -156,7 +157,7 @@ class SAE:
 
     def decode(self, params: Params, f: jax.Array) -> jax.Array:
         """x_hat = f W_dec + b_dec."""
-        return f @ params["W_dec"] + params["b_dec"]
+        return act.decoder_matmul(f, params["W_dec"]) + params["b_dec"]
 
     def decoder_norms(self, params: Params) -> jax.Array:
         """||W_dec,i|| for every latent."""
@@ -195,11 +196,25 @@ class SAE:
         return dict(params, W_dec=unit_rows(params["W_dec"]))
 
     # ------------------------------------------------------------------ statistics
+    @staticmethod
+    def fired(out: Output) -> jax.Array:
+        """[m] bool: the latents that fired on this batch.
+
+        Every architecture's code is non-negative, so a latent fired where its batch sum is
+        positive: one matrix-vector product over f (``act.batch_sum``), about three times
+        faster on CPU than a column reduction of a firing mask.
+        """
+        return out.extras["fired"] if "fired" in out.extras else act.batch_sum(out.f) > 0
+
+    @staticmethod
+    def l0(out: Output) -> jax.Array:
+        """Mean number of nonzero latents per token (from the sparse code where there is one)."""
+        return out.extras["l0"] if "l0" in out.extras else metrics.l0(out.f)
+
     def update_stats(self, stats: Stats, out: Output) -> Stats:
         """Advance the tokens-since-fired counters by one batch."""
-        # max |f| per latent: one column reduction of f, no [B, m] boolean array
-        fired = out.extras["fired"] if "fired" in out.extras else jnp.max(jnp.abs(out.f), axis=0) > 0
-        n = out.f.shape[0]
+        fired = self.fired(out)
+        n = out.x_hat.shape[0]
         since = jnp.minimum(stats["tokens_since_fired"] + n, INT_CAP)
         return dict(stats, tokens_since_fired=jnp.where(fired, 0, since).astype(jnp.int32))
 
@@ -256,10 +271,9 @@ class GatedSAE(SAE):
         return jax.lax.stop_gradient((pi_gate > 0).astype(x.dtype)) * jax.nn.relu(pi_mag)
 
     def forward(self, params, x, stats):
-        pi_gate, pi_mag = self.gate_and_mag(params, x)
-        f = jax.lax.stop_gradient((pi_gate > 0).astype(x.dtype)) * jax.nn.relu(pi_mag)
+        f, gate = act.gated_code(x, params["W_enc"], params["b_gate"], params["r_mag"], params["b_mag"],
+                                 self.input_bias(params))
         x_hat = self.decode(params, f)
-        gate = jax.nn.relu(pi_gate)
         sparsity = self.l1(params, gate)
         # The aux term trains the gate path to reconstruct through a frozen decoder.
         frozen = gate @ jax.lax.stop_gradient(params["W_dec"]) + jax.lax.stop_gradient(params["b_dec"])
@@ -363,8 +377,9 @@ class TopKSAE(SAE):
         aux = self.auxk(params, x, x_hat, aux_code, stats)
         kept = jax.lax.stop_gradient(code)
         f = act.densify_code(kept, n, self.d_sae)
-        fired = jnp.zeros((self.d_sae,), bool).at[kept.cols].max(kept.values > 0)
-        extras = {"fired": fired, **self.code_extras(kept)}
+        on = kept.values > 0
+        fired = jnp.zeros((self.d_sae,), bool).at[kept.cols].max(on)
+        extras = {"fired": fired, "l0": jnp.sum(on) / n, **self.code_extras(kept)}
         return Output(x_hat, f, recon, jnp.zeros(()), aux, extras)
 
     def reconstruction(self, params: Params, x: jax.Array, code: act.SparseCode) -> tuple[jax.Array, jax.Array]:

@@ -82,7 +82,7 @@ def step_metrics(sae: SAE, x, out, loss, lam, lr, stats) -> dict[str, jax.Array]
         "loss": loss,
         "mse": jnp.mean(jnp.sum(jnp.square(x - out.x_hat), axis=-1)),
         "fvu": metrics.fvu(x, out.x_hat),
-        "l0": metrics.l0(out.f),
+        "l0": sae.l0(out),
         "sparsity": out.sparsity,
         "aux": out.aux,
         "coefficient": lam,
