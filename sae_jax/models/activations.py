@@ -659,8 +659,9 @@ def gated_code(x: jax.Array, W_gate: jax.Array, b_gate: jax.Array, r_mag: jax.Ar
     f = sg(H(π_gate)) ⊙ ReLU(π_mag) (Rajamanoharan et al. 2024, arXiv 2404.16014, eq. 6–7 with
     weight sharing). The VJP is autodiff's, written out so that each [B, m] array is read as few
     times as possible: ∂π_mag = ∂f ⊙ H(π_gate) H(π_mag), ∂π_gate = ∂gate ⊙ H(π_gate),
-    ∂h = ∂π_gate + exp(r_mag) ⊙ ∂π_mag, and b_dec's gradient −W_gate Σ_b ∂h_b is formed from
-    the bias gradients (Σ_b ∂h = ∂b_gate + exp(r_mag) ⊙ ∂b_mag) without another pass.
+    ∂h = ∂π_gate + exp(r_mag) ⊙ ∂π_mag. ∂π_gate is never stored: b_gate's gradient is
+    Σ_b ∂h − exp(r_mag) ⊙ Σ_b ∂π_mag, and b_dec's is −W_gate Σ_b ∂h (the cheap way, as in
+    ``encoder_pre``).
     """
     return _gated_code_fwd(x, W_gate, b_gate, r_mag, b_mag, b_dec)[0]
 
@@ -678,14 +679,14 @@ def _gated_code_bwd(res, cotangents):
     df, dgate = cotangents
     scale = jnp.exp(r_mag)
     on = h + b_gate > 0
-    d_gate = jnp.where(on, dgate, 0.0)
     d_mag = jnp.where(on & (h * scale + b_mag > 0), df, 0.0)
-    dh = d_gate + scale * d_mag
+    dh = jnp.where(on, dgate, 0.0) + scale * d_mag  # ∂π_gate is not stored: only dh needs it
     lead = tuple(range(h.ndim - 1))
-    db_gate, db_mag = batch_sum(d_gate), batch_sum(d_mag)
+    sum_dh, db_mag = batch_sum(dh), batch_sum(d_mag)
+    db_gate = sum_dh - scale * db_mag
     dr_mag = scale * batch_sum(d_mag * h)
     dW = jnp.tensordot(xc, dh, axes=(lead, lead))
-    db_dec = -(W_gate @ (db_gate + scale * db_mag))
+    db_dec = -(W_gate @ sum_dh)
     return (dh @ W_gate.T, dW, _sum_to(db_gate, b_gate), _sum_to(dr_mag, r_mag), _sum_to(db_mag, b_mag),
             _sum_to(db_dec, b_dec))
 
