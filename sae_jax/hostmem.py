@@ -4,8 +4,9 @@ XLA:CPU allocates each step's scratch with glibc's malloc: about 1 GB per step f
 SAE at batch 4096. glibc serves blocks this large straight from mmap and unmaps them when they
 are freed, so every step faults its scratch in again, 4 KiB at a time: about 0.65 µs per page
 here, which made a ReLU pass over a [4096, 16384] array take 66 ms instead of 20 ms, and
-``sae-jax train`` about 5% slower at d_model 768, 16,384 latents, batch 4096 (README). With the tunable ``glibc.malloc.hugetlb=1`` (glibc ≥ 2.35) malloc asks
-the kernel for transparent huge pages, 512 times fewer faults. Tunables are read only when a
+``sae-jax train`` about 5% slower at d_model 768, 16,384 latents, batch 4096 (README). With
+the tunable ``glibc.malloc.hugetlb=1`` (glibc ≥ 2.35) malloc asks the kernel for transparent
+huge pages, 512 times fewer faults. Tunables are read only when a
 process starts, so the command line re-executes itself once with the tunable set. Nothing
 changes on accelerators (their buffers are not malloc's) or where the kernel has THP off.
 Set ``SAE_JAX_HUGEPAGES=0`` to keep the process as started.

@@ -314,6 +314,9 @@ def test_gated_aux_term_and_penalty_see_a_frozen_decoder(penalty):
     pi_gate, pi_mag = sae.gate_and_mag(params, x)
     h = (x - params["b_dec"]) @ params["W_enc"]
     np.testing.assert_allclose(pi_mag, h * jnp.exp(params["r_mag"]) + params["b_mag"], rtol=1e-5, atol=1e-5)
+    f = sae.forward(params, x, sae.init_stats()).f  # f = H(π_gate) ReLU(π_mag)
+    np.testing.assert_allclose(f, jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(sae.encode(params, x), f)
 
 
 def test_prolu_sqrt_l1_is_the_authors_penalty():

@@ -266,13 +266,16 @@ class GatedSAE(SAE):
         """The gate's pre-activations π_gate (what decides which latents fire)."""
         return self.gate_and_mag(params, x)[0]
 
+    def code_and_gate(self, params: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(f, ReLU(π_gate)): f = H(π_gate) ⊙ ReLU(π_mag), with ``act.gated_code``'s VJP."""
+        return act.gated_code(x, params["W_enc"], params["b_gate"], params["r_mag"], params["b_mag"],
+                              self.input_bias(params))
+
     def encode(self, params, x, stats=None):
-        pi_gate, pi_mag = self.gate_and_mag(params, x)
-        return jax.lax.stop_gradient((pi_gate > 0).astype(x.dtype)) * jax.nn.relu(pi_mag)
+        return self.code_and_gate(params, x)[0]
 
     def forward(self, params, x, stats):
-        f, gate = act.gated_code(x, params["W_enc"], params["b_gate"], params["r_mag"], params["b_mag"],
-                                 self.input_bias(params))
+        f, gate = self.code_and_gate(params, x)
         x_hat = self.decode(params, f)
         sparsity = self.l1(params, gate)
         # The aux term trains the gate path to reconstruct through a frozen decoder.
