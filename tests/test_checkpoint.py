@@ -282,6 +282,9 @@ def test_full_disk_stops_with_the_last_good_checkpoint(store, tmp_path):
 def test_sigint_saves_a_checkpoint_and_raises_preempted(store, tmp_path):
     workdir = tmp_path / "run"
     cfg = make_cfg(store, workdir, "train.steps=100000", "train.log_every=1", "checkpoint.every=0")
+    # Python's own SIGINT handler, whatever pytest was started under: a background job of a
+    # non-interactive shell (`cmd &`, nohup) inherits SIGINT ignored, which the watch respects.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
     previous = signal.getsignal(signal.SIGINT)
 
     def interrupt():
@@ -290,11 +293,14 @@ def test_sigint_saves_a_checkpoint_and_raises_preempted(store, tmp_path):
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=interrupt, daemon=True).start()
-    with pytest.raises(checkpoint.Preempted) as e:
-        loop.train(cfg)
+    try:
+        with pytest.raises(checkpoint.Preempted) as e:
+            loop.train(cfg)
+        assert signal.getsignal(signal.SIGINT) is previous  # the watch put back the handler it found
+    finally:
+        signal.signal(signal.SIGINT, outer)
     assert 0 < e.value.step < 100000
     assert checkpoint.read_host(workdir / checkpoint.CHECKPOINT_DIR)[1]["step"] == e.value.step
-    assert signal.getsignal(signal.SIGINT) is previous
     assert cli.EXIT_PREEMPTED == checkpoint.EXIT_PREEMPTED == 128 + signal.SIGTERM
 
 
