@@ -93,7 +93,8 @@ def machine() -> str:
 
 
 def main(argv=None) -> int:
-    hostmem.reexec_with_hugepages()  # as the sae-jax command runs
+    if argv is None:  # run as a program, not called with arguments
+        hostmem.reexec_with_hugepages()  # as the sae-jax command runs
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", help="an existing store to read (default: make one in --workdir)")
     p.add_argument("--workdir", help="where to make the store (default: a temporary directory, removed after)")
