@@ -170,7 +170,7 @@ def abstract_step(cfg: config_lib.Config, devices: list) -> Compiled:
     sharding.check_divisible(mesh, cfg.train.batch_size, cfg.model.d_sae)
     run = loop.Run(cfg=cfg, store=None, sae=make_sae(cfg.model, cfg.sparsity.penalty, cfg.train.dead_tokens),
                    mesh=mesh, scale=1.0, tx=step_lib.optimizer(o.beta1, o.beta2, o.grad_clip),
-                   lr_schedule=step_lib.lr_factor(o.warmup_steps, cfg.train.steps, o.decay, o.decay_fraction),
+                   lr_schedule=step_lib.schedule(o, cfg.train.steps),
                    coef=step_lib.coefficient_factor(cfg.sparsity.warmup_steps))
     sample = jax.ShapeDtypeStruct((loop.INIT_SAMPLE_ROWS, cfg.model.d_model), np.float32)
     abstract = jax.eval_shape(lambda key, s: init_state(run.sae, run.tx, key, s, o.lr, cfg.sparsity.coefficient),

@@ -62,6 +62,8 @@ SAFE_KEYS = ("train.steps", "train.log_every", "train.progress", "train.eval_tok
              "mesh.", "distributed.", "data.store", "sweep.shard", "sweep.vmap_size")
 # Keys whose default is derived from train.steps: when only train.steps changed they keep the saved value.
 STEP_DERIVED = ("optim.warmup_steps", "sparsity.warmup_steps")
+# Keys a resume sets itself (an extended schedule's re-warm): a later resume keeps the saved value.
+RESUME_SET = {"optim.rewarm_step": 0, "optim.rewarm_from": 0.0}
 
 
 class CheckpointError(RuntimeError):
@@ -71,10 +73,17 @@ class CheckpointError(RuntimeError):
 class Preempted(Exception):  # noqa: N818 - an event, not an error
     """The run stopped on SIGTERM/SIGINT after saving a checkpoint at ``step``."""
 
-    def __init__(self, step: int, directory: Path):
-        super().__init__(f"preempted: saved a checkpoint at step {step} in {directory}; run the same command again "
-                         "to resume.")
+    def __init__(self, step: int, directory: Path, where: str = ""):
+        text = (f"preempted: saved a checkpoint at step {step} in {directory}; run the same command again to resume."
+                if not where else
+                f"preempted {where}: the checkpoint of the last step ({step}) is saved in {directory}; run the same "
+                "command again to write the run's remaining outputs (sae/ and summary.json).")
+        super().__init__(text)
         self.step, self.directory = step, directory
+
+
+class AllCheckpointsUnusable(config_lib.ConfigError):
+    """Every checkpoint of a run is unusable: refused unless the run starts over (--fresh)."""
 
 
 class CorruptCheckpoint(Exception):  # noqa: N818 - internal signal, always reported
@@ -261,8 +270,8 @@ class Checkpoints:
         self._failed = False
 
     def _clear(self) -> None:
-        if _is_main():  # the directory's contents, not itself: it may be a mount point
-            for path in [*self.directory.glob("*"), self.quarantine_dir]:
+        if _is_main():  # the directory's contents, not itself: it may be a mount point; quarantined steps stay
+            for path in self.directory.glob("*"):
                 if path.is_dir():
                     shutil.rmtree(path)
                 elif path.exists():
@@ -405,6 +414,7 @@ def restore_or_init(ckpts: Checkpoints, init: Callable[[], Any], abstract_state:
     replaces ``reconcile`` (e.g. a sweep also checks each member's config).
     """
     check = check or reconcile
+    quarantined = []
     for step in ckpts.steps():
         try:
             meta = ckpts.read_meta(step)
@@ -420,6 +430,12 @@ def restore_or_init(ckpts: Checkpoints, init: Callable[[], Any], abstract_state:
         if _all_agree(ok):
             return Restored(state, step, meta["data"], new_cfg, changes)
         ckpts.quarantine(step, why or "another process could not read it")
+        quarantined.append(step)
+    if quarantined:
+        raise AllCheckpointsUnusable(
+            f"every checkpoint in {ckpts.directory} is unusable (step(s) {', '.join(map(str, quarantined))}, moved to "
+            f"{ckpts.quarantine_dir}); the run will not silently start over from step 0: pass --fresh to start over, "
+            "or restore a good checkpoint into that directory and run again.")
     return Restored(init(), config=cfg)
 
 
@@ -463,6 +479,8 @@ def reconcile(meta: dict, cfg: config_lib.Config, store_identity: str, step: int
         if key in STEP_DERIVED and new == _derived_warmup(now["train.steps"]):
             kept[key] = old
             changes.append(f"{key}: kept {old} (derived from the original train.steps)")
+        elif key in RESUME_SET and new == RESUME_SET[key]:
+            kept[key] = old
         elif any(key == s or (s.endswith(".") and key.startswith(s)) for s in SAFE_KEYS):
             changes.append(f"{key}: {old!r} -> {new!r}")
         else:
@@ -475,7 +493,30 @@ def reconcile(meta: dict, cfg: config_lib.Config, store_identity: str, step: int
     for key, value in kept.items():
         section, name = key.split(".")
         cfg = _replace_field(cfg, section, name, value)
+    if now["train.steps"] != saved.get("train.steps", now["train.steps"]):
+        cfg, note = _rewarm(config_lib.from_dict(meta["config"]), cfg, step)
+        changes += [note] if note else []
     return cfg, changes
+
+
+def _rewarm(old: config_lib.Config, cfg: config_lib.Config, step: int) -> tuple[config_lib.Config, str]:
+    """An extended (or shortened) run whose learning-rate factor at ``step`` would jump re-warms instead.
+
+    The old schedule's factor f_old at the resume step is kept as the start of a linear re-warm
+    to the new schedule over optim.warmup_steps (``train.step.schedule``), so the learning rate is
+    continuous; the note says so. No change where the factor is the same (e.g. a constant schedule).
+    """
+    from sae_jax.train import step as step_lib
+
+    f_old = float(step_lib.schedule(old.optim, old.train.steps)(step))
+    f_new = float(step_lib.schedule(cfg.optim, cfg.train.steps)(step))
+    if abs(f_new - f_old) <= 1e-6:
+        return cfg, ""
+    cfg = _replace_field(_replace_field(cfg, "optim", "rewarm_step", step), "optim", "rewarm_from", f_old)
+    lr = cfg.optim.lr or 0.0
+    return cfg, (f"train.steps: the learning rate at step {step} would jump from {f_old * lr:.3g} to {f_new * lr:.3g} "
+                 f"under the new schedule; it re-warms linearly from {f_old * lr:.3g} over {cfg.optim.warmup_steps} "
+                 f"steps instead (optim.rewarm_step={step}, optim.rewarm_from={f_old:.6g})")
 
 
 def _replace_field(cfg: config_lib.Config, section: str, name: str, value: Any) -> config_lib.Config:
@@ -528,6 +569,15 @@ class PreemptionWatch:
         if self.multihost:
             return bool(multihost_utils.reached_preemption_sync_point(step))
         return self.signal_name is not None
+
+    def stop_if_signalled(self, step: int, directory: Path, where: str) -> None:
+        """After the loop (the final outputs): raise Preempted if a signal came (single process).
+
+        With jax.distributed the coordination service's sync point is per step and the loop is over,
+        so the outputs are finished instead.
+        """
+        if not self.multihost and self.signal_name is not None:
+            raise Preempted(step, directory, where)
 
     def close(self) -> None:
         """Put the previous signal handlers back."""

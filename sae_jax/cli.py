@@ -8,11 +8,13 @@ import json
 import sys
 from pathlib import Path
 
-from sae_jax import hostmem
+from sae_jax import hostmem, quiet
 
 EXIT_USER_ERROR = 2
 EXIT_CHECKPOINT_FAILED = 3
 """A checkpoint could not be written (e.g. a full disk); the message names the last good one."""
+EXIT_NONFINITE = 4
+"""Training produced NaN or Inf; nothing non-finite was saved (the message names the last good checkpoint)."""
 EXIT_PREEMPTED = 143
 """Stopped by SIGTERM/SIGINT after saving a checkpoint (128 + SIGTERM); run again to resume."""
 
@@ -403,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     if argv is None:
         hostmem.reexec_with_hugepages()
+    quiet.install()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and (args.fn is not _cmd_harvest or any(e.startswith("-") for e in extra)):
@@ -435,6 +438,10 @@ def _checkpoint_status(e: Exception) -> int | None:
     if isinstance(e, ckpt.CheckpointError):
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CHECKPOINT_FAILED
+    state = sys.modules.get("sae_jax.train.state")
+    if state is not None and isinstance(e, state.NonFiniteError):
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
     return None
 
 
@@ -442,6 +449,9 @@ def _is_user_error(e: Exception) -> bool:
     from sae_jax.config import ConfigError
 
     user = (ConfigError, FileNotFoundError, ValueError)
+    lock = sys.modules.get("sae_jax.lock")
+    if lock is not None:
+        user += (lock.LockedError,)
     try:
         from sae_jax.data.store import StoreError
 

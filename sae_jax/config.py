@@ -113,6 +113,12 @@ class OptimConfig:
     """Schedule after warmup: constant, linear (to 0 over the last decay_fraction), cosine."""
     decay_fraction: float = 0.2
     """Fraction of the run over which 'linear' decays the learning rate to 0."""
+    rewarm_step: int = 0
+    """Set by a resume that extends train.steps where the schedule's value at the resume step
+    changes (e.g. a decayed run): from this step the learning-rate factor moves linearly from
+    rewarm_from to the new schedule over warmup_steps instead of jumping. 0: none."""
+    rewarm_from: float = 0.0
+    """The learning-rate factor at rewarm_step under the schedule before the extension."""
     grad_clip: float | None = None
     """Global gradient-norm clip; 0 disables (l1_decoder_norm recipe uses 1.0)."""
 
@@ -470,16 +476,35 @@ def get_path(cfg, key: str) -> Any:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a dict, with a clear error for a bad file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory; pass the path of a YAML file such as "
+                          "configs/demo.yaml (or that directory's config.yaml).")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist; pass the path of a YAML file such as "
                           "configs/demo.yaml.")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML ({str(e).splitlines()[0]}).") from None
+        raise ConfigError(f"config file '{path}' is not valid YAML{_yaml_where(e)}: {_yaml_problem(e)}; fix that "
+                          "line.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file '{path}' cannot be read ({e}); pass a readable UTF-8 YAML file.") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(tree).__name__}.")
     return tree
+
+
+def _yaml_where(e: yaml.YAMLError) -> str:
+    """' at line L, column C' of a YAML error (1-based), or '' if PyYAML gives no position."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    problem = getattr(e, "problem", None)
+    context = getattr(e, "context", None)
+    text = " ".join(p for p in (context, problem) if p) or str(e).splitlines()[0]
+    return " ".join(text.split())
 
 
 def normalize_overrides(args: list[str]) -> list[str]:

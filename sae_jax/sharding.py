@@ -34,6 +34,11 @@ def axis_sizes(data: int, model: int, n_devices: int) -> tuple[int, int]:
     """Resolve -1 ("the rest") in the mesh sizes and check they cover the devices."""
     if data == -1 and model == -1:
         raise ValueError("mesh.data and mesh.model cannot both be -1; set one of them.")
+    for name, size, other in (("mesh.data", data, model), ("mesh.model", model, data)):
+        if size != -1 and (size < 1 or (other == -1 and n_devices % size)):
+            raise ValueError(f"config key '{name}' is {size}, but this job has {n_devices} device(s), which "
+                             f"{name} must divide; set {name} to a divisor of {n_devices}, or run on more devices "
+                             "(`sae-jax compile-check --mesh DATAxMODEL` checks a larger mesh without them).")
     if data == -1:
         data = n_devices // model
     if model == -1:

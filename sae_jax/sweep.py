@@ -53,13 +53,13 @@ import jax
 import numpy as np
 import yaml
 
-from sae_jax import api, checkpoint, progress, report, sharding
+from sae_jax import api, checkpoint, lock, progress, report, sharding
 from sae_jax import config as config_lib
 from sae_jax.config import Config, ConfigError
 from sae_jax.data import pipeline
 from sae_jax.train import loop
 from sae_jax.train import step as step_lib
-from sae_jax.train.state import TrainState, init_state
+from sae_jax.train.state import NonFiniteError, TrainState, finite_members, init_state
 
 MEMBERS_DIR = "members"
 PLAN_FILE = "sweep.json"
@@ -275,6 +275,13 @@ def sweep(cfg: Config, fresh: bool = False) -> dict[str, dict]:
     """
     all_groups = group_members(expand(cfg))
     groups = [build_group(i, g, cfg.sweep, init=False) for i, g in select(all_groups, cfg.sweep.group)]
+    workdir = loop.make_workdir(cfg.train.workdir)
+    name = lock.LOCK_FILE if cfg.sweep.group == -1 else f"{lock.LOCK_FILE}-group-{cfg.sweep.group}"
+    with lock.hold(workdir, "sae-jax sweep", name):  # a grid of jobs shares WORKDIR: one lock per group
+        return _sweep(cfg, all_groups, groups, fresh)
+
+
+def _sweep(cfg: Config, all_groups: list, groups: list[Group], fresh: bool) -> dict[str, dict]:
     first = groups[0].run
     ckpts = checkpoint.Checkpoints(checkpoint_dir(cfg), cfg.checkpoint.every, cfg.checkpoint.keep,
                                    sharding.replicated(first.mesh), fresh=fresh)
@@ -304,6 +311,12 @@ def sweep(cfg: Config, fresh: bool = False) -> dict[str, dict]:
     loader.close()
     if loop.is_main():
         report.write_report([Path(cfg.train.workdir)], Path(cfg.train.workdir))
+    diverged = [name for name, s in summaries.items() if s.get("diverged")]
+    if diverged:
+        raise NonFiniteError(f"sweep member(s) {', '.join(diverged)} produced NaN or Inf parameters by step "
+                             f"{cfg.train.steps}, so they have no sae/ or summary.json (the other members were written "
+                             "and reported); lower their optim.lr or set optim.grad_clip, then run them again "
+                             "(--fresh starts over).")
     return summaries
 
 
@@ -466,9 +479,13 @@ def write_metrics(group: Group, logs: dict, step: int, step_metrics: dict) -> No
 def finish_group(group: Group, wall: float, loader, resumed_from: int = 0) -> dict[str, dict]:
     """Each member's sae/ and summary.json, as ``loop.train`` writes them for a single run."""
     out = {}
+    finite = finite_members(group.state, sharding.replicated(group.run.mesh))
     for i, m in enumerate(group.members):
         run = dataclasses.replace(group.run, cfg=m.cfg)
         workdir = Path(m.cfg.train.workdir)
+        if not finite[i]:  # no sae/ or summary.json claims a result; sweep() reports it after the others
+            out[m.name] = {"diverged": True}
+            continue
         state = member_state(group, i)
         model = loop.save_trained(run, state, workdir)
         summary = loop.final_summary(run, model, wall, int(state.step), loader, resumed_from=resumed_from)

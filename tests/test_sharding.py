@@ -359,3 +359,14 @@ if __name__ == "__main__":
         measure_memory(sys.argv[2])
     else:
         main(*sys.argv[2:4])
+
+
+def test_a_mesh_axis_that_does_not_divide_the_devices_names_the_key_and_the_count():
+    # Issue 15 (12): mesh.model=2 on one device used to report "0 × 2".
+    with pytest.raises(ValueError, match=r"'mesh.model' is 2, but this job has 1 device\(s\)") as e:
+        sharding.axis_sizes(-1, 2, 1)
+    assert "0 ×" not in str(e.value)
+    with pytest.raises(ValueError, match=r"'mesh.data' is 3, but this job has 8 device"):
+        sharding.axis_sizes(3, -1, 8)
+    with pytest.raises(ValueError, match=r"'mesh.model' is 0"):
+        sharding.axis_sizes(-1, 0, 8)

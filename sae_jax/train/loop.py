@@ -7,6 +7,7 @@ It wires the store and loader (data/), the mesh (sharding.py), the architecture
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,14 +15,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sae_jax import api, checkpoint, progress, sharding
+from sae_jax import api, checkpoint, lock, progress, sharding
 from sae_jax import config as config_lib
 from sae_jax.data import pipeline
 from sae_jax.data import store as store_lib
 from sae_jax.evaluate import evaluate
 from sae_jax.models.sae import SAE, make_sae
 from sae_jax.train import step as step_lib
-from sae_jax.train.state import TrainState, init_state
+from sae_jax.train.state import NonFiniteError, TrainState, init_state, is_finite
 
 INIT_SAMPLE_ROWS = 4096
 
@@ -58,7 +59,7 @@ def prepare(cfg: config_lib.Config) -> Run:
     sae = make_sae(cfg.model, cfg.sparsity.penalty, cfg.train.dead_tokens)
     o = cfg.optim
     tx = step_lib.optimizer(o.beta1, o.beta2, o.grad_clip)
-    lr_schedule = step_lib.lr_factor(o.warmup_steps, cfg.train.steps, o.decay, o.decay_fraction)
+    lr_schedule = step_lib.schedule(o, cfg.train.steps)
     coef = step_lib.coefficient_factor(cfg.sparsity.warmup_steps)
     norm = store.norm_scalars[store.site_name(cfg.data.site or None)]
     scale = float(1.0 / np.sqrt(norm)) if cfg.data.normalize else 1.0
@@ -72,9 +73,30 @@ def state_shardings(run: Run, abstract: TrainState):
     return sharding.named(run.mesh, sharding.tree_specs(abstract, run.sae.param_axes()))
 
 
+def init_sample(run: Run) -> np.ndarray:
+    """The store's first rows (up to INIT_SAMPLE_ROWS), normalized, for data-dependent initialization.
+
+    They pass the run's data.nonfinite policy like every training row: 'error' stops naming the
+    shard, 'skip' drops rows holding NaN or Inf (one such row would otherwise make every parameter
+    NaN through the mean or geometric-median init of b_dec).
+    """
+    site = run.store.site_name(run.cfg.data.site or None)
+    n = min(INIT_SAMPLE_ROWS, run.store.n_tokens)
+    rows = run.store.read(0, n, site=site)
+    bad = pipeline.nonfinite_rows(rows)
+    if bad is not None and run.cfg.data.nonfinite == "error":
+        raise pipeline.nonfinite_error(run.store, site, int(bad[0]), len(bad))
+    if bad is not None:
+        rows = np.delete(rows, bad, axis=0)
+        if not len(rows):
+            raise store_lib.StoreError(f"{run.store.path}: all of the first {n} rows of site '{site}' hold NaN or "
+                                       "Inf, so there is nothing to initialize the SAE from; re-create the store.")
+    return rows * run.scale
+
+
 def _state_init(run: Run):
     """(init, key, sample): the state's initializer and its inputs."""
-    sample = run.store.read(0, min(INIT_SAMPLE_ROWS, run.store.n_tokens), site=run.cfg.data.site or None) * run.scale
+    sample = init_sample(run)
     key = jax.random.key(run.cfg.seed)
 
     def init(key, sample):
@@ -130,13 +152,29 @@ def train(cfg: config_lib.Config, fresh: bool = False) -> dict:
     """Train one SAE as configured; returns the summary written to summary.json.
 
     Resumes from the newest good checkpoint unless ``fresh`` (which deletes the old ones). On
-    SIGTERM/SIGINT it saves a checkpoint and raises ``checkpoint.Preempted``.
+    SIGTERM/SIGINT it saves a checkpoint and raises ``checkpoint.Preempted``. Process 0 holds the
+    work directory's lock (``sae_jax.lock``) throughout, so a second writer is refused.
     """
     run = prepare(cfg)
-    cfg = run.cfg
-    workdir = Path(cfg.train.workdir)
+    workdir = make_workdir(run.cfg.train.workdir)
+    with lock.hold(workdir, "sae-jax train"):
+        return _train(run, workdir, fresh)
+
+
+def make_workdir(path: str | Path) -> Path:
+    """``train.workdir``, created by process 0; ConfigError if it is (or lies under) a file."""
+    workdir = Path(path)
     if is_main():
-        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise config_lib.ConfigError(f"config key 'train.workdir' is '{workdir}', which is a file (or lies "
+                                         "under one); choose a directory for the run.") from None
+    return workdir
+
+
+def _train(run: Run, workdir: Path, fresh: bool) -> dict:
+    cfg = run.cfg
     ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(cfg), cfg.checkpoint.every, cfg.checkpoint.keep,
                                    sharding.replicated(run.mesh), fresh=fresh)
 
@@ -152,6 +190,7 @@ def train(cfg: config_lib.Config, fresh: bool = False) -> dict:
     train_step = compile_step(run, state)
     loader = make_loader(run)
     batch_sharding = sharding.batch_sharding(run.mesh)
+    replicated = sharding.replicated(run.mesh)
     if start.resumed:
         loader.set_state(start.data_state)
         report_resume(run, start, ckpts, workdir / "metrics.jsonl")
@@ -165,26 +204,61 @@ def train(cfg: config_lib.Config, fresh: bool = False) -> dict:
             x = pipeline.to_global(next(loader), batch_sharding)
             state, step_metrics = train_step(state, x)
             done = step + 1
-            log.maybe_write(done, step_metrics, tokens=done * cfg.train.batch_size)
+            log.maybe_write(done, step_metrics, tokens=done * cfg.train.batch_size, check=ckpts)
             if preemption.reached(done):
-                ckpts.save(done, state, checkpoint_meta(run, loader, done))
+                save_checked(ckpts, done, state, checkpoint_meta(run, loader, done), replicated)
                 ckpts.wait()
                 raise checkpoint.Preempted(done, ckpts.directory)
-            ckpts.maybe_save(done, cfg.train.steps, state, lambda done=done: checkpoint_meta(run, loader, done))
+            if ckpts.due(done, cfg.train.steps):
+                save_checked(ckpts, done, state, checkpoint_meta(run, loader, done), replicated)
         ckpts.wait()
+        jax.block_until_ready(state)
+        wall = time.perf_counter() - t_start
+
+        # --- outputs: folded parameters and the held-out evaluation (a signal now stops before the next part)
+        steps = int(state.step)
+        check_finite(state, replicated, steps, ckpts)
+        preemption.stop_if_signalled(steps, ckpts.directory, "before writing sae/")
+        model = save_trained(run, state, workdir)
+        preemption.stop_if_signalled(steps, ckpts.directory, "after writing sae/, before the held-out evaluation")
+        summary = final_summary(run, model, wall, steps, loader, resumed_from=start.step)
+        check_finite_values(summary, steps, ckpts, "the held-out evaluation")
+        preemption.stop_if_signalled(steps, ckpts.directory, "before writing summary.json")
     finally:
         preemption.close()
         log.close()
         ckpts.close()
-    jax.block_until_ready(state)
-    wall = time.perf_counter() - t_start
-
-    # --- outputs: folded parameters and the held-out evaluation
-    model = save_trained(run, state, workdir)
-    summary = final_summary(run, model, wall, int(state.step), loader, resumed_from=start.step)
     if is_main():
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def save_checked(ckpts: checkpoint.Checkpoints, step: int, state: TrainState, meta: dict, replicated) -> None:
+    """Save a checkpoint of ``state`` unless it holds NaN or Inf (then NonFiniteError: the last good one stays)."""
+    check_finite(state, replicated, step, ckpts)
+    ckpts.save(step, state, meta)
+
+
+def check_finite(state: TrainState, replicated, step: int, ckpts: checkpoint.Checkpoints) -> None:
+    """NonFiniteError naming the step and the last good checkpoint if the state holds NaN or Inf."""
+    if not is_finite(state, replicated):
+        raise nonfinite_error(step, ckpts, "the parameters")
+
+
+def check_finite_values(values: dict, step: int, ckpts: checkpoint.Checkpoints, what: str) -> None:
+    """The same for host scalars (logged metrics, the summary), naming the bad ones."""
+    bad = [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise nonfinite_error(step, ckpts, f"{what} ({', '.join(bad)})")
+
+
+def nonfinite_error(step: int, ckpts: checkpoint.Checkpoints, what: str) -> NonFiniteError:
+    ckpts.wait()
+    last = f"step {ckpts.last_good}" if ckpts.last_good is not None else "none"
+    return NonFiniteError(f"training produced NaN or Inf in {what} at step {step}; nothing of that step was saved, "
+                          f"and the last good checkpoint in {ckpts.directory} is {last}. Lower optim.lr, set "
+                          "optim.grad_clip, or check the store with `sae-jax store verify`, then run again (--fresh "
+                          "starts over).")
 
 
 def checkpoint_meta(run: Run, loader: pipeline.ActivationLoader, step: int) -> dict:
@@ -256,10 +330,17 @@ class MetricsLog:
         self.bar = _progress(tcfg.steps, start_step) if enabled and tcfg.progress else None
         self.last_step, self.last_time = start_step, time.perf_counter()
 
-    def maybe_write(self, step: int, step_metrics: dict, tokens: int) -> None:
-        if not self.enabled or (step % self.every and step != self.total):
+    def maybe_write(self, step: int, step_metrics: dict, tokens: int, check: checkpoint.Checkpoints | None = None
+                    ) -> None:
+        """Log the step's metrics at logging steps; with ``check``, a NaN or Inf metric stops the run
+        (NonFiniteError naming the last good checkpoint)."""
+        if step % self.every and step != self.total:
             return
         values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        if check is not None:
+            check_finite_values(values, step, check, "the logged metrics")
+        if not self.enabled:
+            return
         now = time.perf_counter()
         rate = (step - self.last_step) * self.batch / max(now - self.last_time, 1e-9)
         self.last_step, self.last_time = step, now

@@ -35,6 +35,25 @@ def lr_factor(warmup_steps: int, total_steps: int, decay: str = "constant",
     return optax.join_schedules([warm, after], [warmup_steps])
 
 
+def schedule(optim, total_steps: int) -> Callable[[jax.Array], jax.Array]:
+    """The run's learning-rate multiplier from its ``optim`` config (an ``OptimConfig``).
+
+    With ``optim.rewarm_step`` s > 0 (an extended resume) it re-warms: from step s the factor
+    moves linearly from ``optim.rewarm_from`` to the new schedule over ``warmup_steps``, so the
+    learning rate stays continuous at s.
+    """
+    base = lr_factor(optim.warmup_steps, total_steps, optim.decay, optim.decay_fraction)
+    if not optim.rewarm_step:
+        return base
+    s, f0, w = optim.rewarm_step, optim.rewarm_from, max(optim.warmup_steps, 1)
+
+    def factor(step):
+        t = jnp.clip((step - s) / w, 0.0, 1.0)
+        return jnp.where(step < s, base(step), f0 + (base(step) - f0) * t)
+
+    return factor
+
+
 def optimizer(beta1: float, beta2: float, grad_clip: float = 0.0) -> optax.GradientTransformation:
     """Adam's update direction (with optional global-norm clipping); the step scales it by -lr."""
     parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
