@@ -143,7 +143,7 @@ def _cmd_synth(args) -> int:
 
     spec = SynthSpec(d_model=args.d_model, n_features=args.n_features, n_tokens=args.n_tokens, seed=args.seed,
                      l0=args.l0, dtype=args.dtype)
-    store = write_synthetic(args.out, spec)
+    store = write_synthetic(args.out, spec, resume=args.resume, overwrite=args.overwrite)
     print(f"wrote {store.n_tokens:,} × {store.d_model} {store.dtype} activations with {args.n_features} true "
           f"features to {args.out} (ground truth: {Path(args.out) / 'ground_truth.npy'})")
     return 0
@@ -153,7 +153,8 @@ def _cmd_store(args) -> int:
     from sae_jax.data import store as store_lib
 
     if args.store_cmd == "import":
-        store = store_lib.import_files(args.out, args.files, dtype=args.dtype)
+        store = store_lib.import_files(args.out, args.files, dtype=args.dtype, resume=args.resume,
+                                       overwrite=args.overwrite)
         print(f"imported {store.n_tokens:,} rows × {store.d_model} into {args.out}")
     elif args.store_cmd == "info":
         print(store_lib.info(store_lib.open_store(args.store)))
@@ -332,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same store)")
     s.add_argument("--l0", type=float, default=8.0, help="expected active true features per token")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="stored dtype")
+    _add_restart_flags(s)
     s.set_defaults(fn=_cmd_synth)
 
     st = sub.add_parser("store", help="import, inspect and verify activation stores")
@@ -340,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("out", help="output store directory")
     si.add_argument("--from", dest="files", nargs="+", required=True, help="input files, concatenated in order")
     si.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="stored dtype")
+    _add_restart_flags(si)
     sn = ss.add_parser("info", help="print a store's metadata and statistics")
     sn.add_argument("store")
     sv = ss.add_parser("verify", help="check every shard checksum of a store")
@@ -393,6 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
     el.add_argument("--json", help="also write the metrics to this JSON file")
     el.set_defaults(fn=_cmd_eval_lm)
     return p
+
+
+def _add_restart_flags(p: argparse.ArgumentParser) -> None:
+    """--resume and --overwrite of a command that writes a store (through OUT.partial)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue an interrupted write (OUT.partial) after its "
+                   "last whole shard; it needs the same settings and inputs")
+    g.add_argument("--overwrite", action="store_true", help="start over: delete OUT.partial, and replace a store "
+                   "at OUT once the new one is finalized")
 
 
 def main(argv: list[str] | None = None) -> int:
