@@ -123,10 +123,13 @@ def _cmd_eval(args) -> int:
     model = api.load(args.workdir)
     store = store_lib.open_store(args.data)
     store.check_d_model(model.sae.d_model, field="the SAE's d_model")
-    gt_path = Path(args.ground_truth) if args.ground_truth else Path(args.data) / "ground_truth.npy"
-    if args.ground_truth and not gt_path.is_file():
-        raise FileNotFoundError(f"--ground-truth file '{gt_path}' does not exist.")
-    gt = np.load(gt_path) if gt_path.is_file() else None
+    if args.ground_truth:
+        gt_path = Path(args.ground_truth)
+        if not gt_path.is_file():
+            raise FileNotFoundError(f"--ground-truth file '{gt_path}' does not exist.")
+        gt = np.load(gt_path)
+    else:  # the store's own, checked against its digest
+        gt_path, gt = store.path / store_lib.GROUND_TRUTH_FILE, store.ground_truth()
     batches = pipeline.iter_eval(store, batch_size=args.batch_size, split="all", max_tokens=args.max_tokens)
     result = evaluate(model, batches, gt)
     if gt is not None:
@@ -299,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a trained SAE on a store (FVU, L0, dead/dense, gamma, MMCS)")
     e.add_argument("workdir", help="work directory of a trained SAE (or its sae/ folder)")
     e.add_argument("--data", required=True, help="activation store to evaluate on (every token)")
-    e.add_argument("--ground-truth", help="true dictionary [F, d] .npy (default: STORE/ground_truth.npy if present)")
+    e.add_argument("--ground-truth", help="true dictionary [F, d] .npy (default: the store's "
+                   "ground_truth.npy if it has one, checked against its digest)")
     e.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     e.add_argument("--batch-size", type=int, default=4096, help="tokens per evaluation batch")
     e.add_argument("--json", help="also write the metrics to this JSON file")

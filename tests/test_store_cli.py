@@ -3,6 +3,7 @@
 A killed `sae-jax synth` or `sae-jax store import` leaves OUT.partial: a rerun without flags
 says (in one line) to pass --resume or --overwrite; --resume finishes it with exactly the rows
 and checksums of an uninterrupted run, --overwrite starts over. Bad inputs leave nothing behind.
+`sae-jax eval` refuses a ground_truth.npy that changed after finalize.
 """
 
 import json
@@ -10,10 +11,15 @@ import signal
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from clitools import assert_no_traceback, cli, cli_error, cli_start
 
+from sae_jax import api
+from sae_jax import config as config_lib
 from sae_jax.data import store as store_lib
+from sae_jax.models.sae import make_sae
 
 # 20 shards of 32768 rows, written in about 3 s: long enough to be killed after the first ones.
 SYNTH = ("--d-model", 16, "--n-features", 128, "--n-tokens", 20 * 32768, "--seed", 3)
@@ -136,3 +142,35 @@ def test_import_of_a_1d_npy_asks_for_rows_by_d_model(tmp_path):
     assert "flat.npy" in line and "(5000,)" in line and "[rows, d_model]" in line, line
     assert "d_model is 5000" not in line
     assert not out.exists() and not partial_of(out).exists()
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def saved_sae(root: Path, d_model: int = 16) -> Path:
+    """A work directory holding an (untrained) ReLU SAE of width ``d_model``."""
+    cfg = config_lib.load_config(None, [f"model.d_model={d_model}", "model.d_sae=32"])
+    sae = make_sae(cfg.model, cfg.sparsity.penalty)
+    params = sae.init(jax.random.key(0), jnp.ones((8, d_model), jnp.float32))
+    stats = {k: np.asarray(v) for k, v in sae.init_stats().items()}
+    api.save(root / api.SAE_DIR, sae, {k: np.asarray(v) for k, v in params.items()}, stats, {"norm_scale": 1.0})
+    return root
+
+
+def test_eval_refuses_a_changed_ground_truth(tmp_path):
+    store, run = tmp_path / "s", saved_sae(tmp_path / "run")
+    assert cli("synth", store, "--d-model", 16, "--n-features", 40, "--n-tokens", 4096, cwd=tmp_path).returncode == 0
+    gt = store / "ground_truth.npy"
+    good = tmp_path / "gt.npy"
+    good.write_bytes(gt.read_bytes())
+    data = bytearray(gt.read_bytes())
+    data[-7] ^= 0x40  # inside the array data: np.load still reads it, with one value changed
+    gt.write_bytes(bytes(data))
+    assert not np.array_equal(np.load(gt), np.load(good))
+
+    line = cli_error("eval", run, "--data", store, cwd=tmp_path)
+    assert str(gt) in line and "checksum mismatch" in line and "--ground-truth" in line, line
+    verify = cli("store", "verify", store, cwd=tmp_path)
+    assert verify.returncode == 1 and f"FAIL {gt}: checksum mismatch" in verify.stdout, verify.stdout
+    done = cli("eval", run, "--data", store, "--ground-truth", good, cwd=tmp_path)
+    assert done.returncode == 0 and "mmcs" in done.stdout, done.stdout + done.stderr

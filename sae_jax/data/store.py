@@ -581,11 +581,28 @@ class Store:
             raise StoreError(f"{self.path / METADATA_FILE}: the store's d_model is {self.d_model} but {field} is "
                              f"{expected}; set {field}={self.d_model} or use a store of the right width.")
 
-    def load_file(self, name: str) -> np.ndarray:
-        """An extra array saved with ``StoreWriter.add_file``."""
-        if name not in self.metadata.get("files", {}):
-            raise StoreError(f"{self.path}: no extra file '{name}'; it has {sorted(self.metadata.get('files', {}))}.")
-        return np.load(self.path / name)
+    def load_file(self, name: str, fix: str = "re-create the store") -> np.ndarray:
+        """An extra array saved with ``StoreWriter.add_file``, checked against its digest in the metadata;
+        StoreError naming the file and ending with ``fix`` when it is missing or changed."""
+        files = self.metadata.get("files", {})
+        if name not in files:
+            raise StoreError(f"{self.path}: no extra file '{name}'; it has {sorted(files)}.")
+        file = self.path / name
+        if not file.is_file():
+            raise StoreError(f"{file}: missing, though {METADATA_FILE} lists it; {fix}.")
+        if _file_digest(file) != files[name]:
+            raise StoreError(f"{file}: checksum mismatch (the file changed after the store was finalized); {fix}.")
+        return np.load(file)
+
+    def ground_truth(self) -> np.ndarray | None:
+        """The true dictionary [F, d] of a synthetic store (checked like every extra file), or None."""
+        fix = "re-create the store, or give `sae-jax eval` the true dictionary with --ground-truth FILE"
+        if GROUND_TRUTH_FILE in self.metadata.get("files", {}):
+            return self.load_file(GROUND_TRUTH_FILE, fix)
+        if (self.path / GROUND_TRUTH_FILE).exists():
+            raise StoreError(f"{self.path / GROUND_TRUTH_FILE}: not listed in {METADATA_FILE}, so it cannot be "
+                             f"checked; {fix}.")
+        return None
 
     def verify(self) -> list[str]:
         """Read every shard and extra file and compare checksums; the problems found (empty = all good)."""
