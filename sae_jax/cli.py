@@ -130,11 +130,16 @@ def _cmd_eval(args) -> int:
         gt = np.load(gt_path)
     else:  # the store's own, checked against its digest
         gt_path, gt = store.path / store_lib.GROUND_TRUTH_FILE, store.ground_truth()
-    batches = pipeline.iter_eval(store, batch_size=args.batch_size, split="all", max_tokens=args.max_tokens)
+    batches = pipeline.iter_eval(store, batch_size=args.batch_size, split="all", max_tokens=args.max_tokens,
+                                 nonfinite=args.nonfinite, fix="pass --nonfinite skip")
     result = evaluate(model, batches, gt)
     if gt is not None:
         result["ground_truth"] = str(gt_path)
     _print_result(result, f"evaluation of {args.workdir} on {args.data}")
+    if args.nonfinite == "skip":
+        covered = store.n_tokens if args.max_tokens is None else min(store.n_tokens, args.max_tokens)
+        result["skipped_rows"] = covered - result["tokens"]
+        print(f"skipped {result['skipped_rows']} row(s) holding NaN or Inf (--nonfinite skip)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
@@ -306,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "ground_truth.npy if it has one, checked against its digest)")
     e.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     e.add_argument("--batch-size", type=int, default=4096, help="tokens per evaluation batch")
+    e.add_argument("--nonfinite", default="error", choices=["error", "skip"], help="rows with NaN or Inf: "
+                   "'error' stops, 'skip' leaves them out (as training's data.nonfinite)")
     e.add_argument("--json", help="also write the metrics to this JSON file")
     e.set_defaults(fn=_cmd_eval)
 

@@ -3,7 +3,8 @@
 A killed `sae-jax synth` or `sae-jax store import` leaves OUT.partial: a rerun without flags
 says (in one line) to pass --resume or --overwrite; --resume finishes it with exactly the rows
 and checksums of an uninterrupted run, --overwrite starts over. Bad inputs leave nothing behind.
-`sae-jax eval` refuses a ground_truth.npy that changed after finalize.
+`sae-jax eval` refuses a ground_truth.npy that changed after finalize, and its --nonfinite option
+is the one its NaN message names.
 """
 
 import json
@@ -174,3 +175,19 @@ def test_eval_refuses_a_changed_ground_truth(tmp_path):
     assert verify.returncode == 1 and f"FAIL {gt}: checksum mismatch" in verify.stdout, verify.stdout
     done = cli("eval", run, "--data", store, "--ground-truth", good, cwd=tmp_path)
     assert done.returncode == 0 and "mmcs" in done.stdout, done.stdout + done.stderr
+
+
+def test_eval_nonfinite_message_names_its_own_option(tmp_path):
+    x = np.random.default_rng(1).standard_normal((3000, 16)).astype(np.float32)
+    x[1234, 5] = np.nan
+    np.save(tmp_path / "x.npy", x)
+    store, run = tmp_path / "s", saved_sae(tmp_path / "run")
+    assert cli("store", "import", store, "--from", tmp_path / "x.npy", cwd=tmp_path).returncode == 0
+
+    line = cli_error("eval", run, "--data", store, cwd=tmp_path)
+    assert "row 1234" in line and "--nonfinite skip" in line and "data.nonfinite" not in line, line
+    out = tmp_path / "eval.json"
+    done = cli("eval", run, "--data", store, "--nonfinite", "skip", "--json", out, cwd=tmp_path)
+    assert done.returncode == 0 and "skipped 1 row(s)" in done.stdout, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    assert result["tokens"] == 2999 and result["skipped_rows"] == 1
