@@ -125,15 +125,23 @@ def _cmd_eval(args) -> int:
     model = api.load(args.workdir)
     store = store_lib.open_store(args.data)
     store.check_d_model(model.sae.d_model, field="the SAE's d_model")
-    gt_path = Path(args.ground_truth) if args.ground_truth else Path(args.data) / "ground_truth.npy"
-    if args.ground_truth and not gt_path.is_file():
-        raise FileNotFoundError(f"--ground-truth file '{gt_path}' does not exist.")
-    gt = np.load(gt_path) if gt_path.is_file() else None
-    batches = pipeline.iter_eval(store, batch_size=args.batch_size, split="all", max_tokens=args.max_tokens)
+    if args.ground_truth:
+        gt_path = Path(args.ground_truth)
+        if not gt_path.is_file():
+            raise FileNotFoundError(f"--ground-truth file '{gt_path}' does not exist.")
+        gt = np.load(gt_path)
+    else:  # the store's own, checked against its digest
+        gt_path, gt = store.path / store_lib.GROUND_TRUTH_FILE, store.ground_truth()
+    batches = pipeline.iter_eval(store, batch_size=args.batch_size, split="all", max_tokens=args.max_tokens,
+                                 nonfinite=args.nonfinite, fix="pass --nonfinite skip")
     result = evaluate(model, batches, gt)
     if gt is not None:
         result["ground_truth"] = str(gt_path)
     _print_result(result, f"evaluation of {args.workdir} on {args.data}")
+    if args.nonfinite == "skip":
+        covered = store.n_tokens if args.max_tokens is None else min(store.n_tokens, args.max_tokens)
+        result["skipped_rows"] = covered - result["tokens"]
+        print(f"skipped {result['skipped_rows']} row(s) holding NaN or Inf (--nonfinite skip)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
@@ -145,7 +153,7 @@ def _cmd_synth(args) -> int:
 
     spec = SynthSpec(d_model=args.d_model, n_features=args.n_features, n_tokens=args.n_tokens, seed=args.seed,
                      l0=args.l0, dtype=args.dtype)
-    store = write_synthetic(args.out, spec)
+    store = write_synthetic(args.out, spec, resume=args.resume, overwrite=args.overwrite)
     print(f"wrote {store.n_tokens:,} × {store.d_model} {store.dtype} activations with {args.n_features} true "
           f"features to {args.out} (ground truth: {Path(args.out) / 'ground_truth.npy'})")
     return 0
@@ -155,7 +163,8 @@ def _cmd_store(args) -> int:
     from sae_jax.data import store as store_lib
 
     if args.store_cmd == "import":
-        store = store_lib.import_files(args.out, args.files, dtype=args.dtype)
+        store = store_lib.import_files(args.out, args.files, dtype=args.dtype, resume=args.resume,
+                                       overwrite=args.overwrite)
         print(f"imported {store.n_tokens:,} rows × {store.d_model} into {args.out}")
     elif args.store_cmd == "info":
         print(store_lib.info(store_lib.open_store(args.store)))
@@ -300,9 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a trained SAE on a store (FVU, L0, dead/dense, gamma, MMCS)")
     e.add_argument("workdir", help="work directory of a trained SAE (or its sae/ folder)")
     e.add_argument("--data", required=True, help="activation store to evaluate on (every token)")
-    e.add_argument("--ground-truth", help="true dictionary [F, d] .npy (default: STORE/ground_truth.npy if present)")
+    e.add_argument("--ground-truth", help="true dictionary [F, d] .npy (default: the store's "
+                   "ground_truth.npy if it has one, checked against its digest)")
     e.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     e.add_argument("--batch-size", type=int, default=4096, help="tokens per evaluation batch")
+    e.add_argument("--nonfinite", default="error", choices=["error", "skip"], help="rows with NaN or Inf: "
+                   "'error' stops, 'skip' leaves them out (as training's data.nonfinite)")
     e.add_argument("--json", help="also write the metrics to this JSON file")
     e.set_defaults(fn=_cmd_eval)
 
@@ -334,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same store)")
     s.add_argument("--l0", type=float, default=8.0, help="expected active true features per token")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="stored dtype")
+    _add_restart_flags(s)
     s.set_defaults(fn=_cmd_synth)
 
     st = sub.add_parser("store", help="import, inspect and verify activation stores")
@@ -342,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("out", help="output store directory")
     si.add_argument("--from", dest="files", nargs="+", required=True, help="input files, concatenated in order")
     si.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="stored dtype")
+    _add_restart_flags(si)
     sn = ss.add_parser("info", help="print a store's metadata and statistics")
     sn.add_argument("store")
     sv = ss.add_parser("verify", help="check every shard checksum of a store")
@@ -395,6 +409,15 @@ def build_parser() -> argparse.ArgumentParser:
     el.add_argument("--json", help="also write the metrics to this JSON file")
     el.set_defaults(fn=_cmd_eval_lm)
     return p
+
+
+def _add_restart_flags(p: argparse.ArgumentParser) -> None:
+    """--resume and --overwrite of a command that writes a store (through OUT.partial)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue an interrupted write (OUT.partial) after its "
+                   "last whole shard; it needs the same settings and inputs")
+    g.add_argument("--overwrite", action="store_true", help="start over: delete OUT.partial, and replace a store "
+                   "at OUT once the new one is finalized")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,6 @@ a ReLU SAE trained on them, and its evaluation against the true features.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -29,12 +28,9 @@ def ensure_store(path: Path) -> store_lib.Store:
     """Open the demo store, writing it first if it is missing (or was never finalized)."""
     if (path / store_lib.METADATA_FILE).exists():
         return store_lib.open_store(path)  # a damaged store stops with its own message
-    partial = path.with_name(path.name + store_lib.PARTIAL_SUFFIX)
-    if partial.exists():  # an earlier demo was stopped while writing: start the store again
-        shutil.rmtree(partial)
     print(f"writing synthetic activations ({SPEC.n_tokens:,} × {SPEC.d_model}, {SPEC.n_features} true "
           f"features) to {path}")
-    return write_synthetic(path, SPEC)
+    return write_synthetic(path, SPEC, overwrite=True)  # a partial store of a stopped demo is started again
 
 
 def run(root: str | Path = "runs", overrides: list[str] | tuple = ()) -> dict:

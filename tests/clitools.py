@@ -30,6 +30,12 @@ def cli(*args, cwd: Path | str = ROOT, env: dict | None = None, timeout: float =
     return done
 
 
+def cli_start(*args, cwd: Path | str = ROOT, env: dict | None = None) -> subprocess.Popen:
+    """``python -m sae_jax ARGS`` started in the background (to be killed by the test); text stdout/stderr pipes."""
+    return subprocess.Popen([sys.executable, "-m", "sae_jax", *map(str, args)], cwd=cwd, env=env or ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def cli_error(*args, status: int = 2, **kw) -> str:
     """Run a command that must fail with ``status`` and one ``error:`` line; that line, without the prefix."""
     done = cli(*args, **kw)

@@ -262,3 +262,92 @@ def test_import_bad_files_name_the_file(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
     with pytest.raises(StoreError, match=r"x.safetensors"):
         store_lib.import_files(tmp_path / "s4", [tmp_path / "x.safetensors"])
+
+
+# --------------------------------------------------------------------------- resume, overwrite, ground truth
+
+
+def test_overwrite_replaces_a_store_only_when_the_new_one_is_finalized(tmp_path):
+    old = small_store(tmp_path / "s", n=300)
+    writer = create_store(tmp_path / "s", d_model=8, rows_per_chunk=64, rows_per_shard=128, overwrite=True)
+    writer.append(-rows_of(0, 500))
+    assert open_store(tmp_path / "s").identity == old.identity  # still there while the new one is written
+    new = writer.finalize()
+    assert new.n_tokens == 500 and new.read(0, 500).tobytes() == (-rows_of(0, 500)).tobytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no partial, no replaced store left
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a store")
+    with pytest.raises(StoreError, match="other: already exists and is not an activation store"):
+        create_store(tmp_path / "other", d_model=8, overwrite=True)
+    with pytest.raises(StoreError, match="not both"):
+        create_store(tmp_path / "t", d_model=8, resume=True, overwrite=True)
+
+
+def test_overwrite_deletes_a_partial_store_and_resume_checks_the_source(tmp_path):
+    writer = create_store(tmp_path / "s", d_model=8, rows_per_chunk=64, rows_per_shard=128, source={"run": 1})
+    writer.append(rows_of(0, 300))
+    resumed = create_store(tmp_path / "s", d_model=8, resume=True)
+    assert resumed.n_written == 256
+    store_lib.check_resumed_source(resumed, {"run": 1})
+    with pytest.raises(StoreError, match=r"s.partial: .*other settings \(run\).*--overwrite"):
+        store_lib.check_resumed_source(resumed, {"run": 2})
+    fresh = create_store(tmp_path / "s", d_model=8, rows_per_chunk=64, rows_per_shard=128, overwrite=True)
+    assert fresh.n_written == 0
+    fresh.append(rows_of(0, 10))
+    assert fresh.finalize().read(0, 10).tobytes() == rows_of(0, 10).tobytes()
+
+
+def test_a_writer_with_nothing_durable_leaves_no_partial(tmp_path):
+    writer = create_store(tmp_path / "s", d_model=8)
+    with pytest.raises(StoreError, match="no rows"):
+        writer.finalize()
+    assert not (tmp_path / "s.partial").exists()
+    with pytest.raises(StoreError, match=r"rows have shape \(8,\); pass arrays of 2 or more dimensions"):
+        create_store(tmp_path / "s", d_model=8).append(np.zeros(8, np.float32))
+
+
+def test_import_resumes_after_the_durable_rows_of_the_same_files(tmp_path):
+    a, b = rows_of(0, 700), rows_of(700, 1000)
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    files = [tmp_path / "a.npy", tmp_path / "b.npy"]
+    source = {"imported_from": [str(f.resolve()) for f in files], "input_bytes": [f.stat().st_size for f in files]}
+    writer = create_store(tmp_path / "s", d_model=8, source=source, rows_per_chunk=64, rows_per_shard=256)
+    writer.append(rows_of(0, 600))  # two whole shards durable, then a crash
+    store = store_lib.import_files(tmp_path / "s", files, rows_per_chunk=64, resume=True)
+    assert store.read(0, 1000).tobytes() == rows_of(0, 1000).tobytes()
+    assert store.metadata["source"] == source and store.verify() == []
+
+
+def test_import_checks_every_input_before_creating_anything(tmp_path):
+    np.save(tmp_path / "flat.npy", np.zeros(5000, np.float32))
+    with pytest.raises(StoreError, match=r"flat.npy: the array has shape \(5000,\); .*\[rows, d_model\]"):
+        store_lib.import_files(tmp_path / "s", [tmp_path / "flat.npy"])
+    np.save(tmp_path / "empty.npy", np.zeros((0, 8), np.float32))
+    with pytest.raises(StoreError, match=r"empty.npy: no rows to import"):
+        store_lib.import_files(tmp_path / "s", [tmp_path / "empty.npy"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.npy", "flat.npy"]
+
+
+def test_ground_truth_is_checked_against_its_digest(tmp_path):
+    from sae_jax.train.loop import ground_truth_of
+
+    assert small_store(tmp_path / "plain").ground_truth() is None
+    writer = create_store(tmp_path / "s", d_model=8)
+    writer.append(rows_of(0, 10))
+    writer.add_file("ground_truth.npy", np.eye(4, 8, dtype=np.float32))
+    store = writer.finalize()
+    np.testing.assert_array_equal(store.ground_truth(), np.eye(4, 8))
+    np.testing.assert_array_equal(ground_truth_of(store), np.eye(4, 8))
+    changed = np.eye(4, 8, dtype=np.float32)
+    changed[3, 7] = 0.5
+    np.save(store.path / "ground_truth.npy", changed)
+    for read in (store.ground_truth, lambda: ground_truth_of(store), lambda: store.load_file("ground_truth.npy")):
+        with pytest.raises(StoreError, match=r"ground_truth.npy: checksum mismatch .*re-create the store"):
+            read()
+    (store.path / "ground_truth.npy").unlink()
+    with pytest.raises(StoreError, match=r"ground_truth.npy: missing, though metadata.json lists it"):
+        store.ground_truth()
+    np.save(tmp_path / "plain" / "ground_truth.npy", np.eye(4, 8))  # put there by hand: not checkable
+    with pytest.raises(StoreError, match=r"ground_truth.npy: not listed in metadata.json.*--ground-truth"):
+        open_store(tmp_path / "plain").ground_truth()

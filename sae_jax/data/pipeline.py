@@ -228,11 +228,12 @@ def nonfinite_rows(rows: np.ndarray) -> np.ndarray | None:
     return bad if bad.size else None
 
 
-def nonfinite_error(store: Store, site: str, row: int, count: int) -> StoreError:
-    """The error for a row with NaN/Inf, naming its shard file."""
+def nonfinite_error(store: Store, site: str, row: int, count: int,
+                    fix: str = "set data.nonfinite=skip") -> StoreError:
+    """The error for a row with NaN/Inf, naming its shard file; ``fix`` names the option that skips such rows."""
     return StoreError(f"{store.path / shard_file(site, row // store.rows_per_shard)}: row {row} of site '{site}' "
-                      f"holds NaN or Inf ({count} such row(s) in this read); set data.nonfinite=skip to drop such "
-                      "rows, or re-create the store.")
+                      f"holds NaN or Inf ({count} such row(s) in this read); {fix} to drop such rows, or re-create "
+                      "the store.")
 
 
 class BatchRows(grain.IterDataset):
@@ -479,10 +480,12 @@ def _check_args(batch_size, process_index, process_count, block_rows, shuffle_bl
 
 
 def iter_eval(store: Store, *, batch_size: int, split: str = "holdout", max_tokens: int | None = None,
-              holdout_fraction: float = 0.05, site: str | None = None, nonfinite: str = "error"):
+              holdout_fraction: float = 0.05, site: str | None = None, nonfinite: str = "error",
+              fix: str = "set data.nonfinite=skip"):
     """Deterministic, unshuffled float32 batches covering a split ("train", "holdout" or "all").
 
     The last batch may be shorter; the next batch is read while the caller works on this one.
+    ``fix`` is how the error for a non-finite row (nonfinite='error') says to skip such rows.
     """
     if nonfinite not in NONFINITE:
         raise ValueError(f"data.nonfinite='{nonfinite}' must be one of {NONFINITE}.")
@@ -498,7 +501,7 @@ def iter_eval(store: Store, *, batch_size: int, split: str = "holdout", max_toke
             pending = store.read_async(stop, min(stop + batch_size, hi), site=site)
         bad = None if nonfinite == "allow" else nonfinite_rows(batch)
         if bad is not None and nonfinite == "error":
-            raise nonfinite_error(store, site, start + int(bad[0]), len(bad))
+            raise nonfinite_error(store, site, start + int(bad[0]), len(bad), fix)
         yield batch if bad is None else np.delete(batch, bad, axis=0)
 
 

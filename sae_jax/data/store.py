@@ -12,8 +12,9 @@ Layout of a finalized store directory::
 Durability: a writer fills ``STORE.partial`` and records its progress there after every whole
 shard; ``finalize`` writes ``metadata.json`` and renames the directory into place, so a crashed
 writer leaves nothing that opens as a store, and ``create_store(..., resume=True)`` continues
-after the last whole shard. Every chunk and shard index carries a crc32c (checked on every read)
-and ``fill_missing_data_reads`` is off, so a missing shard is an error and never reads as zeros.
+after the last whole shard (``overwrite=True`` starts over instead). Every chunk and shard index
+carries a crc32c (checked on every read) and ``fill_missing_data_reads`` is off, so a missing
+shard is an error and never reads as zeros.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -46,6 +48,9 @@ SHARD_TARGET_BYTES = 64 << 20  # whole shards are buffered by the writer: keep t
 MAX_CHUNKS_PER_SHARD = 256
 NORM_SAMPLE_ROWS = 65536
 READ_CACHE_BYTES = 8 << 20  # enough to keep shard indices cached between block reads
+GROUND_TRUTH_FILE = "ground_truth.npy"
+REPLACED_SUFFIX = ".replaced"
+START_OVER = "start over with --overwrite (--fresh for harvest; overwrite=True in Python)"
 
 
 class StoreError(Exception):
@@ -156,7 +161,10 @@ def _read_context() -> ts.Context:
 
 def _as_2d(array: np.ndarray, d_model: int, where: str) -> np.ndarray:
     array = np.asarray(array)
-    if array.ndim < 2 or array.shape[-1] != d_model:
+    if array.ndim < 2:
+        raise StoreError(f"{where}: rows have shape {array.shape}; pass arrays of 2 or more dimensions "
+                         "[rows, d_model] (or [..., d_model]).")
+    if array.shape[-1] != d_model:
         raise StoreError(f"{where}: rows have shape {array.shape} but the store's d_model is {d_model}; "
                          "pass arrays [n, d_model].")
     if array.dtype not in INPUT_DTYPES:
@@ -185,23 +193,64 @@ def to_float32(rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 def create_store(path, *, d_model: int, dtype: str = "float32", sites: Sequence[str] = ("activations",),
                  source: dict | None = None, rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK,
-                 rows_per_shard: int | None = None, resume: bool = False) -> StoreWriter:
+                 rows_per_shard: int | None = None, resume: bool = False, overwrite: bool = False) -> StoreWriter:
     """Start writing a store at ``path`` (through ``path.partial``); append rows, then ``finalize``.
 
     ``resume=True`` reopens an unfinalized ``path.partial`` and continues after its last whole
-    shard (``writer.n_written`` says where); with no partial store it starts afresh.
+    shard (``writer.n_written`` says where; ``check_resumed_source`` compares its settings);
+    with no partial store it starts afresh. ``overwrite=True`` deletes a partial store and
+    starts afresh; a finalized store at ``path`` is replaced only when the new one is finalized.
     """
     path = Path(path)
     partial = path.with_name(path.name + PARTIAL_SUFFIX)
-    if (path / METADATA_FILE).exists() or (path.exists() and any(path.iterdir())):
-        raise StoreError(f"{path}: already exists; choose a new output directory or delete it.")
-    if partial.exists() and resume:
-        return StoreWriter.resume(path, partial, d_model=d_model, dtype=dtype, sites=sites)
-    if partial.exists():
-        raise StoreError(f"{partial}: an unfinalized store is there (a writer stopped early); "
-                         "pass resume=True to continue it, or delete it.")
-    layout = _new_layout(d_model, dtype, sites, source, rows_per_chunk, rows_per_shard)
-    return StoreWriter.create(path, partial, layout)
+    if resume and overwrite:
+        raise StoreError(f"{path}: pass --resume or --overwrite (resume=True or overwrite=True), not both.")
+    resuming = resume and partial.exists()
+    replaces = _check_target(path, may_replace=overwrite or resuming)  # resuming: the partial came from overwrite
+    if overwrite and partial.exists():
+        shutil.rmtree(partial)
+    if resuming:
+        writer = StoreWriter.resume(path, partial, d_model=d_model, dtype=dtype, sites=sites)
+    elif partial.exists():
+        raise StoreError(f"{partial}: an unfinalized store is there (its writer stopped early); continue it with "
+                         "--resume (resume=True in Python) or start over with --overwrite (overwrite=True).")
+    else:
+        writer = StoreWriter.create(path, partial, _new_layout(d_model, dtype, sites, source, rows_per_chunk,
+                                                               rows_per_shard))
+    writer.replaces = replaces
+    return writer
+
+
+def _check_target(path: Path, may_replace: bool) -> bool:
+    """Whether a finalized store at ``path`` is to be replaced; StoreError if ``path`` is taken otherwise."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return False
+    if not (path / METADATA_FILE).is_file():
+        raise StoreError(f"{path}: already exists and is not an activation store (no {METADATA_FILE}); choose a "
+                         "new output directory, or delete it yourself.")
+    if not may_replace:
+        raise StoreError(f"{path}: a store already exists there; choose a new output directory, or replace it "
+                         "with --overwrite (overwrite=True in Python).")
+    return True
+
+
+def check_resumed_source(writer: StoreWriter, source: dict) -> None:
+    """StoreError when ``writer`` resumed a partial store that was started with another ``source``."""
+    found, asked = writer.layout.get("source", {}), json.loads(json.dumps(source))
+    if found != asked:
+        raise StoreError(f"{writer.partial}: the unfinalized store there was started with other settings "
+                         f"({', '.join(_changed_keys(found, asked))}); resume with the same ones, or {START_OVER}.")
+
+
+def _changed_keys(found: dict, asked: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(found) | set(asked)):
+        a, b = found.get(k), asked.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(prefix + k)
+    return out
 
 
 def _new_layout(d_model, dtype, sites, source, rows_per_chunk, rows_per_shard) -> dict:
@@ -246,6 +295,7 @@ class StoreWriter:
         self._buffers = {s: np.empty((self._shard_rows, self.d_model), self._dtype) for s in self.sites}
         self._filled = 0
         self.n_durable = layout["n_tokens"]
+        self.replaces = False  # finalize replaces the store at ``path`` (create_store(..., overwrite=True))
         self._finalized = False
 
     @property
@@ -266,13 +316,13 @@ class StoreWriter:
         """Reopen a partial store; rows after the last recorded whole shard are dropped."""
         progress_path = partial / PROGRESS_FILE
         if not progress_path.exists():
-            raise StoreError(f"{progress_path}: missing, so the partial store cannot be resumed; delete {partial}.")
+            raise StoreError(f"{progress_path}: missing, so the partial store cannot be resumed; {START_OVER}.")
         layout = _read_json(progress_path)
         asked = {"d_model": int(d_model), "dtype": canonical_dtype(dtype), "sites": list(sites)}
         found = {"d_model": layout.get("d_model"), "dtype": layout.get("dtype"), "sites": list(layout.get("sites", {}))}
         if asked != found:
             raise StoreError(f"{progress_path}: the partial store has {found} but resume asked for {asked}; "
-                             "resume with the same settings or delete the partial store.")
+                             f"resume with the same settings, or {START_OVER}.")
         n = layout["n_tokens"]
         arrays = {}
         for s in layout["sites"]:
@@ -346,6 +396,7 @@ class StoreWriter:
         """
         self._flush()
         if self.n_durable == 0:
+            self.abandon()
             raise StoreError(f"{self.partial}: no rows were appended; nothing to finalize.")
         for s in self.sites:
             given = norm_scalar.get(s) if isinstance(norm_scalar, dict) else norm_scalar
@@ -356,13 +407,32 @@ class StoreWriter:
                               "extra": dict(extra_metadata or {})}
         _write_json(self.partial / METADATA_FILE, meta)
         _fsync_dir(self.partial)
-        if self.path.exists():  # an empty directory made by the caller
-            self.path.rmdir()
+        old = self._clear_target()
         os.rename(self.partial, self.path)  # the commit: before it there is no store, after it a whole one
         _fsync_dir(self.path.parent)
+        if old is not None:
+            shutil.rmtree(old)
         (self.path / PROGRESS_FILE).unlink()  # kept until now so that a crash before the rename can resume
         self._finalized = True
         return open_store(self.path)
+
+    def _clear_target(self) -> Path | None:
+        """Make room at ``path``: remove the caller's empty directory, or move aside the store it replaces."""
+        if not self.path.exists():
+            return None
+        if not self.replaces:
+            self.path.rmdir()
+            return None
+        old = self.path.with_name(self.path.name + REPLACED_SUFFIX)
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(self.path, old)
+        return old
+
+    def abandon(self) -> None:
+        """Delete the partial store when none of its rows is durable (nothing to resume); else keep it."""
+        if self.n_durable == 0 and not self._finalized and self.partial.exists():
+            shutil.rmtree(self.partial)
 
     def _check_open(self) -> None:
         if self._finalized:
@@ -406,8 +476,8 @@ def open_store(path) -> Store:
         partial = path.with_name(path.name + PARTIAL_SUFFIX)
         if (path / PROGRESS_FILE).exists() or partial.exists():
             where = path if (path / PROGRESS_FILE).exists() else partial
-            raise StoreError(f"{where}: the store is unfinalized (its writer stopped before finalize); "
-                             "resume the writer with resume=True and call finalize, or re-create it.")
+            raise StoreError(f"{where}: the store is unfinalized (its writer stopped before finalize); rerun "
+                             "the command that wrote it with --resume (resume=True in Python), or re-create it.")
         if not path.exists():
             raise StoreError(f"{path}: no such store; make one with `sae-jax synth`, `sae-jax store import` "
                              "or `sae-jax harvest`.")
@@ -511,11 +581,28 @@ class Store:
             raise StoreError(f"{self.path / METADATA_FILE}: the store's d_model is {self.d_model} but {field} is "
                              f"{expected}; set {field}={self.d_model} or use a store of the right width.")
 
-    def load_file(self, name: str) -> np.ndarray:
-        """An extra array saved with ``StoreWriter.add_file``."""
-        if name not in self.metadata.get("files", {}):
-            raise StoreError(f"{self.path}: no extra file '{name}'; it has {sorted(self.metadata.get('files', {}))}.")
-        return np.load(self.path / name)
+    def load_file(self, name: str, fix: str = "re-create the store") -> np.ndarray:
+        """An extra array saved with ``StoreWriter.add_file``, checked against its digest in the metadata;
+        StoreError naming the file and ending with ``fix`` when it is missing or changed."""
+        files = self.metadata.get("files", {})
+        if name not in files:
+            raise StoreError(f"{self.path}: no extra file '{name}'; it has {sorted(files)}.")
+        file = self.path / name
+        if not file.is_file():
+            raise StoreError(f"{file}: missing, though {METADATA_FILE} lists it; {fix}.")
+        if _file_digest(file) != files[name]:
+            raise StoreError(f"{file}: checksum mismatch (the file changed after the store was finalized); {fix}.")
+        return np.load(file)
+
+    def ground_truth(self) -> np.ndarray | None:
+        """The true dictionary [F, d] of a synthetic store (checked like every extra file), or None."""
+        fix = "re-create the store, or give `sae-jax eval` the true dictionary with --ground-truth FILE"
+        if GROUND_TRUTH_FILE in self.metadata.get("files", {}):
+            return self.load_file(GROUND_TRUTH_FILE, fix)
+        if (self.path / GROUND_TRUTH_FILE).exists():
+            raise StoreError(f"{self.path / GROUND_TRUTH_FILE}: not listed in {METADATA_FILE}, so it cannot be "
+                             f"checked; {fix}.")
+        return None
 
     def verify(self) -> list[str]:
         """Read every shard and extra file and compare checksums; the problems found (empty = all good)."""
@@ -576,36 +663,68 @@ def info(store) -> str:
 
 
 def import_files(out, files: Iterable, *, dtype: str | None = None, site: str = "activations",
-                 source: dict | None = None, rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK) -> Store:
+                 source: dict | None = None, rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK, resume: bool = False,
+                 overwrite: bool = False) -> Store:
     """A new store at ``out`` from .npy or .safetensors files [n, d] (or [..., d]), concatenated in order.
 
     A .safetensors file with one tensor fills ``site``; with several, each tensor name is a site
     (every file must hold the same names). ``dtype`` None keeps bfloat16 input as bfloat16 and
-    stores anything else as float32.
+    stores anything else as float32. ``resume``/``overwrite`` as for ``create_store``: a resumed
+    import continues after the durable rows, if its input files are the ones the partial store recorded.
     """
     files = [Path(f) for f in files]
     if not files:
         raise StoreError("store import: no input files given; pass --from FILE [FILE ...].")
     loaded = [_load_raw(f, site) for f in files]  # memory-mapped: every file is checked before writing
+    d_model = _input_width(files, loaded)
     first = loaded[0]
-    d_model = next(iter(first.values())).shape[-1]
+    if dtype is None:
+        dtype = "bfloat16" if all(a.dtype == DTYPES["bfloat16"] for a in first.values()) else "float32"
+    source = source or {"imported_from": [str(f.resolve()) for f in files],
+                        "input_bytes": [f.stat().st_size for f in files]}
+    writer = create_store(out, d_model=d_model, dtype=dtype, sites=tuple(first), source=source,
+                          rows_per_chunk=rows_per_chunk, resume=resume, overwrite=overwrite)
+    check_resumed_source(writer, source)
+    try:
+        _append_inputs(writer, loaded, d_model)
+        return writer.finalize()
+    except BaseException:
+        writer.abandon()
+        raise
+
+
+def _input_width(files: list[Path], loaded: list[dict[str, np.ndarray]]) -> int:
+    """The d_model of the input files; StoreError naming the file unless every tensor is [..., d_model]
+    with the same d_model and names, and some file has rows."""
+    first = loaded[0]
     for file, arrays in zip(files, loaded, strict=True):
         if set(arrays) != set(first):
             raise StoreError(f"{file}: holds tensors {sorted(arrays)} but {files[0]} holds {sorted(first)}.")
+        for name, array in arrays.items():
+            if array.ndim < 2 or array.shape[-1] == 0:
+                what = f"{file}: tensor '{name}'" if len(arrays) > 1 else f"{file}: the array"
+                raise StoreError(f"{what} has shape {array.shape}; import arrays of 2 or more dimensions "
+                                 "[rows, d_model] (or [..., d_model]), with d_model > 0.")
+    d_model = next(iter(first.values())).shape[-1]
+    for file, arrays in zip(files, loaded, strict=True):
         for array in arrays.values():
             _as_2d(array, d_model, str(file))
-    if dtype is None:
-        dtype = "bfloat16" if all(a.dtype == DTYPES["bfloat16"] for a in first.values()) else "float32"
-    source = source or {"imported_from": [str(f) for f in files]}
-    writer = create_store(out, d_model=d_model, dtype=dtype, sites=tuple(first), source=source,
-                          rows_per_chunk=rows_per_chunk)
-    step = writer.layout["rows_per_shard"]
+    if all(a.size == 0 for arrays in loaded for a in arrays.values()):
+        shape = next(iter(first.values())).shape
+        raise StoreError(f"{', '.join(map(str, files))}: no rows to import (shape {shape}); import files with at "
+                         "least one row.")
+    return d_model
+
+
+def _append_inputs(writer: StoreWriter, loaded: list[dict[str, np.ndarray]], d_model: int) -> None:
+    """Append the rows of every input, in order, after the ``writer.n_written`` rows it already has."""
+    skip, step = writer.n_written, writer.layout["rows_per_shard"]
     for arrays in loaded:
         arrays = {s: a.reshape(-1, d_model) for s, a in arrays.items()}
         n = next(iter(arrays.values())).shape[0]
-        for start in range(0, n, step):
+        for start in range(min(skip, n), n, step):
             writer.append({s: a[start:start + step] for s, a in arrays.items()})
-    return writer.finalize()
+        skip = max(0, skip - n)
 
 
 def _load_raw(file: Path, site: str) -> dict[str, np.ndarray]:

@@ -59,15 +59,17 @@ def sample_codes(rng: np.random.Generator, probs: np.ndarray, n: int) -> np.ndar
     return np.where(active, mags, 0.0).astype(np.float32)
 
 
-def generate(spec: SynthSpec):
-    """Yield (rows [n, D] float32) chunks and return nothing; G comes from ``ground_truth``."""
+def generate(spec: SynthSpec, start: int = 0):
+    """Yield (rows [n, D] float32) chunks from row ``start`` on, the same rows whatever ``start``
+    (earlier chunks are drawn, to advance the generator, but not computed); G comes from ``ground_truth``."""
     rng = np.random.default_rng(spec.seed)
     g, mean, probs = _model(rng, spec)
-    for start in range(0, spec.n_tokens, CHUNK):
-        n = min(CHUNK, spec.n_tokens - start)
+    for begin in range(0, spec.n_tokens, CHUNK):
+        n = min(CHUNK, spec.n_tokens - begin)
         codes = sample_codes(rng, probs, n)
         noise = rng.standard_normal((n, spec.d_model), dtype=np.float32) * spec.noise
-        yield codes @ g + mean + noise
+        if begin + n > start:
+            yield (codes @ g + mean + noise)[max(0, start - begin):]
 
 
 def ground_truth(spec: SynthSpec) -> np.ndarray:
@@ -82,15 +84,26 @@ def _model(rng: np.random.Generator, spec: SynthSpec):
     return g, mean, feature_probs(spec.n_features, spec.l0, spec.alpha)
 
 
-def write_synthetic(out: str | Path, spec: SynthSpec) -> store_lib.Store:
-    """Write a finalized activation store with ``ground_truth.npy`` beside the arrays."""
+def write_synthetic(out: str | Path, spec: SynthSpec, *, resume: bool = False,
+                    overwrite: bool = False) -> store_lib.Store:
+    """Write a finalized activation store with ``ground_truth.npy`` beside the arrays.
+
+    ``resume=True`` continues an interrupted write of the same spec after its durable rows
+    (the rows are the same as an uninterrupted write's); ``overwrite=True`` starts over.
+    """
     if spec.n_features <= spec.d_model:
         raise ValueError(f"--n-features ({spec.n_features}) must exceed --d-model ({spec.d_model}) "
                          "for features in superposition.")
     source = {"model": "synthetic", "hook": "synthetic", "dataset": "sae_jax.data.synthetic",
               "context_size": 0, "synthetic": dataclasses.asdict(spec)}
-    writer = store_lib.create_store(out, d_model=spec.d_model, dtype=spec.dtype, source=source)
-    for rows in generate(spec):
-        writer.append(rows)
-    writer.add_file("ground_truth.npy", ground_truth(spec))
-    return writer.finalize()
+    writer = store_lib.create_store(out, d_model=spec.d_model, dtype=spec.dtype, source=source, resume=resume,
+                                    overwrite=overwrite)
+    store_lib.check_resumed_source(writer, source)
+    try:
+        for rows in generate(spec, start=writer.n_written):
+            writer.append(rows)
+        writer.add_file(store_lib.GROUND_TRUTH_FILE, ground_truth(spec))
+        return writer.finalize()
+    except BaseException:
+        writer.abandon()
+        raise

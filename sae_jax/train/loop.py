@@ -314,9 +314,8 @@ def final_summary(run: Run, model: api.TrainedSAE, wall: float, steps: int, load
 
 
 def ground_truth_of(store) -> np.ndarray | None:
-    """The store's ground-truth dictionary, if it was made synthetically."""
-    path = Path(store.path) / "ground_truth.npy"
-    return np.load(path) if path.is_file() else None
+    """The store's ground-truth dictionary, if it was made synthetically (checked against its digest)."""
+    return store.ground_truth()
 
 
 class MetricsLog:
