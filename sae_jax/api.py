@@ -217,7 +217,7 @@ def find_saes(root: str | Path) -> list[Path]:
     root = Path(root)
     if (root / SPEC).is_file():
         return [root]
-    return sorted(p.parent for p in root.rglob(SPEC) if (p.parent / WEIGHTS).is_file() and not _hidden(p, root))
+    return sorted(p.parent for p in root.rglob(SPEC) if not _hidden(p, root))  # a missing WEIGHTS: load says so
 
 
 def _hidden(path: Path, root: Path) -> bool:

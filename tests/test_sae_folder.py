@@ -205,6 +205,16 @@ def test_damaged_folder_is_one_error_line_in_eval(store, tmp_path, how):
     assert_says_resave(cli_error("eval", tmp_path / "run", "--data", store.path), bad)
 
 
+def test_a_sweep_member_without_weights_is_reported_not_skipped(tmp_path):
+    sweep = tmp_path / "sweep"
+    for name in ("a", "b"):
+        saved(sweep / "members" / name / "sae")
+    (sweep / "members" / "b" / "sae" / api.WEIGHTS).unlink()
+    with pytest.raises(api.SAEFileError, match="params.safetensors' is missing"):
+        export.export_workdir(sweep, tmp_path / "out")
+    assert api.load(sweep, member="a").sae.d_sae == D_SAE
+
+
 def test_damaged_folder_is_one_error_line_in_export_and_eval_lm(tmp_path):
     bad = damage(saved(tmp_path / "run" / "sae"), "truncated weights")
     assert_says_resave(cli_error("export", tmp_path / "run", "--out", tmp_path / "out"), bad)
