@@ -12,7 +12,7 @@ from sae_jax import hostmem, quiet
 
 EXIT_USER_ERROR = 2
 EXIT_CHECKPOINT_FAILED = 3
-"""A checkpoint could not be written (e.g. a full disk); the message names the last good one."""
+"""A checkpoint or a trained SAE could not be written (e.g. a full disk); the message says what is intact."""
 EXIT_NONFINITE = 4
 """Training produced NaN or Inf; nothing non-finite was saved (the message names the last good checkpoint)."""
 EXIT_PREEMPTED = 143
@@ -451,8 +451,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _checkpoint_status(e: Exception) -> int | None:
-    """Exit status of a preempted run or a failed checkpoint save (one line printed), else None."""
-    ckpt = sys.modules.get("sae_jax.checkpoint")  # not imported: the exception cannot be one of its own
+    """Exit status of a preempted run or a failed checkpoint or SAE save (one line printed), else None."""
+    api = sys.modules.get("sae_jax.api")  # not imported: the exception cannot be one of its own
+    if api is not None and isinstance(e, api.SaveError):
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CHECKPOINT_FAILED
+    ckpt = sys.modules.get("sae_jax.checkpoint")
     if ckpt is None:
         return None
     if isinstance(e, ckpt.Preempted):

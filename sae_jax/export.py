@@ -36,9 +36,9 @@ any other SAELens folder imports with SAELens's own semantics.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +46,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError
 
 from sae_jax import api
 from sae_jax import config as config_lib
@@ -247,17 +247,14 @@ def _check_shapes(sae: SAE, params: Arrays, where: str) -> None:
 
 # --------------------------------------------------------------------------- export
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` to a temporary sibling, then rename it to ``path``; SaveError (and no file) if it fails."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
+    try:
+        write(tmp)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        raise api.SaveError(path.parent, api.reason(e)) from e
     tmp.replace(path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _warn_negative_thresholds(tensors: Arrays, where: str) -> None:
@@ -293,11 +290,11 @@ def export_saelens(model: api.TrainedSAE, out: str | Path, metadata: dict | None
     exact = {f"params.{k}": v for k, v in params.items() if not _same_bits(np.asarray(v), back[k])}
     exact |= {f"stats.{k}": v for k, v in stats.items()}
     weights = out / SAELENS_WEIGHTS
-    _write_atomic(weights, lambda p: save_file(tensors, str(p)))
-    _write_atomic(out / SIDECAR_WEIGHTS, lambda p: save_file({k: np.array(v, order="C") for k, v in exact.items()},
-                                                            str(p)))
+    _write_atomic(weights, lambda p: api.write_safetensors(tensors, p))
+    _write_atomic(out / SIDECAR_WEIGHTS, lambda p: api.write_safetensors(
+        {k: np.array(v, order="C") for k, v in exact.items()}, p))
     side = {"format": "sae_jax.saelens_sidecar", "format_version": SIDECAR_VERSION, "sae": api.sae_spec(sae),
-            "meta": model.meta, "saelens_architecture": arch, "saelens_weights_sha256": _sha256(weights),
+            "meta": model.meta, "saelens_architecture": arch, "saelens_weights_sha256": api.sha256_file(weights),
             "exact": sorted(exact), "notes": notes}
     _write_atomic(out / SIDECAR, lambda p: p.write_text(json.dumps(side, indent=2)))
     cfg = saelens_cfg(sae, arch, extra, metadata or {})
@@ -329,12 +326,16 @@ def is_saelens_folder(path: Path) -> bool:
     return (path / SAELENS_CFG).is_file() and (path / SAELENS_WEIGHTS).is_file()
 
 
+REEXPORT = "export it again with `sae-jax export` (or fetch the folder again)"
+
+
 def _read_sidecar(folder: Path) -> dict | None:
     """Our sidecar, if present and written for the SAELens weights now in the folder."""
     if not (folder / SIDECAR).is_file() or not (folder / SIDECAR_WEIGHTS).is_file():
         return None
-    side = json.loads((folder / SIDECAR).read_text())
-    if side.get("saelens_weights_sha256") != _sha256(folder / SAELENS_WEIGHTS):
+    side = api.read_json(folder / SIDECAR, f"delete it and {SIDECAR_WEIGHTS} to import the folder by SAELens "
+                         f"semantics, or {REEXPORT}")
+    if side.get("saelens_weights_sha256") != api.sha256_file(folder / SAELENS_WEIGHTS):
         warnings.warn(f"{folder}/{SAELENS_WEIGHTS} changed since sae_jax exported it; importing it as a plain "
                       f"SAELens folder and ignoring {SIDECAR}.", stacklevel=3)
         return None
@@ -346,15 +347,14 @@ def load_saelens(folder: str | Path) -> api.TrainedSAE:
     folder = Path(folder)
     if not is_saelens_folder(folder):
         raise FileNotFoundError(f"'{folder}' is not a SAELens folder: it needs {SAELENS_CFG} and {SAELENS_WEIGHTS}.")
-    tensors = _f32(load_file(str(folder / SAELENS_WEIGHTS)))
+    tensors = _f32(api.read_safetensors(folder / SAELENS_WEIGHTS, REEXPORT))
     side = _read_sidecar(folder)
     if side is None:
-        cfg = json.loads((folder / SAELENS_CFG).read_text())
-        return _foreign(cfg, tensors, str(folder / SAELENS_WEIGHTS), {"imported_from": str(folder),
-                                                                      "format": "saelens"})
-    sae = api.sae_from_spec(side["sae"])
+        cfg = api.read_json(folder / SAELENS_CFG, REEXPORT)
+        return _foreign(cfg, tensors, str(folder), {"imported_from": str(folder), "format": "saelens"})
+    sae = api.spec_sae(side.get("sae"), folder / SIDECAR, REEXPORT)
     params, stats = params_from_saelens(sae, tensors)
-    for key, value in load_file(str(folder / SIDECAR_WEIGHTS)).items():
+    for key, value in api.read_safetensors(folder / SIDECAR_WEIGHTS, REEXPORT).items():
         kind, name = key.split(".", 1)
         (params if kind == "params" else stats)[name] = value
     _check_shapes(sae, params, str(folder))
@@ -406,7 +406,8 @@ def _foreign(cfg: dict, tensors: Arrays, where: str, meta: dict) -> api.TrainedS
     """Import SAELens weights with SAELens's inference semantics (no sidecar)."""
     arch, cfg = _saelens_architecture(cfg, where)
     tensors, notes = _legacy_tensors(tensors, where)
-    d, m = int(cfg["d_in"]), int(cfg["d_sae"])
+    d, m = _cfg_int(cfg, "d_in", where), _cfg_int(cfg, "d_sae", where)
+    _check_saelens_tensors(tensors, arch, d, m, where)
     common = [f"model.d_model={d}", f"model.d_sae={m}",
               f"model.apply_b_dec_to_input={bool(cfg.get('apply_b_dec_to_input', True))}"]
     if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
@@ -419,12 +420,32 @@ def _foreign(cfg: dict, tensors: Arrays, where: str, meta: dict) -> api.TrainedS
         _warn_negative_thresholds(tensors, where)
         sae = recipe_sae("jumprelu", [*common, "model.jumprelu_theta_param=raw"])  # raw: theta kept bit-exact
     else:
-        sae = recipe_sae("topk", [*common, f"model.k={int(cfg['k'])}"])
+        sae = recipe_sae("topk", [*common, f"model.k={_cfg_int(cfg, 'k', where)}"])
     params, stats = params_from_saelens(sae, tensors)
     _check_shapes(sae, params, where)
+    theirs = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     meta = {**meta, "saelens_architecture": arch, "notes": notes,
-            **{k: v for k, v in (cfg.get("metadata") or {}).items() if k in ("model_name", "hook_name")}}
+            **{k: v for k, v in theirs.items() if k in ("model_name", "hook_name")}}
     return _trained(sae, params, stats, meta)
+
+
+def _cfg_int(cfg: dict, key: str, where: str) -> int:
+    value = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"'{where}': {SAELENS_CFG} field '{key}' is {value!r}, not a positive integer; set it or "
+                         f"{REEXPORT}.")
+    return value
+
+
+def _check_saelens_tensors(tensors: Arrays, arch: str, d: int, m: int, where: str) -> None:
+    """The weights a SAELens ``arch`` SAE of d_in=d, d_sae=m needs, with their shapes."""
+    need = GATED if arch == "gated" else BASE + (("threshold",) if arch == "jumprelu" else ())
+    want = {k: {"W_enc": (d, m), "W_dec": (m, d), "b_dec": (d,)}.get(k, (m,)) for k in need}
+    bad = [f"{k} is {tuple(tensors[k].shape) if k in tensors else 'missing'} (expected {shape})"
+           for k, shape in want.items() if k not in tensors or tuple(tensors[k].shape) != shape]
+    if bad:
+        raise ValueError(f"'{where}': the weights are not a SAELens {arch} SAE with d_in={d}, d_sae={m}: "
+                         f"{'; '.join(bad)}; {REEXPORT}.")
 
 
 def load_gemma_scope(path: str | Path) -> api.TrainedSAE:
@@ -436,8 +457,7 @@ def load_gemma_scope(path: str | Path) -> api.TrainedSAE:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Gemma Scope file '{path}' does not exist.")
-    with np.load(path) as data:
-        arrays = {("W_" + k[2:] if k.startswith("w_") else k): np.asarray(data[k], np.float32) for k in data.files}
+    arrays = _read_npz(path)
     missing = [k for k in GEMMA_SCOPE_KEYS if k not in arrays]
     if missing:
         raise ValueError(f"'{path}' lacks {', '.join(missing)}; a Gemma Scope params.npz holds W_enc [d_model, d_sae], "
@@ -450,6 +470,18 @@ def load_gemma_scope(path: str | Path) -> api.TrainedSAE:
             raise ValueError(f"'{path}': {key} has shape {arrays[key].shape}, expected {want} ({', '.join(names)}).")
     cfg = {"architecture": "jumprelu", "d_in": d, "d_sae": m, "apply_b_dec_to_input": False}
     return _foreign(cfg, arrays, str(path), {"imported_from": str(path), "format": "gemma_scope"})
+
+
+def _read_npz(path: Path) -> Arrays:
+    """The arrays of a .npz as float32 (w_* renamed W_*); ValueError naming the file if it is not such a file."""
+    fix = "pass a Gemma Scope params.npz (W_enc, W_dec, b_enc, b_dec, threshold as float arrays)"
+    try:
+        with np.load(path) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("it holds one array, not named arrays")
+            return {("W_" + k[2:] if k.startswith("w_") else k): np.asarray(data[k], np.float32) for k in data.files}
+    except (OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"'{path}' is not a readable .npz of float arrays ({e}); {fix}.") from None
 
 
 SPEC_TO_CONFIG = {

@@ -25,6 +25,8 @@ from sae_jax.train import step as step_lib
 from sae_jax.train.state import NonFiniteError, TrainState, init_state, is_finite
 
 INIT_SAMPLE_ROWS = 4096
+SAVE_FIX = ("free space there or choose another train.workdir, then run the same command again: the checkpoints "
+            "are intact, so it resumes from the last one and saves sae/ again")
 
 
 @dataclass
@@ -293,7 +295,10 @@ def save_trained(run: Run, state: TrainState, workdir: Path) -> api.TrainedSAE:
     params, stats = run.sae.fold_scale(host.params, host.stats, run.scale)
     meta = {"store": run.store.identity, "norm_scale": run.scale, "steps": int(host.step)}
     if is_main():
-        api.save(workdir / api.SAE_DIR, run.sae, params, stats, meta)
+        try:
+            api.save(workdir / api.SAE_DIR, run.sae, params, stats, meta)
+        except api.SaveError as e:
+            raise api.SaveError(e.folder, e.reason, SAVE_FIX) from e
     return api.TrainedSAE(run.sae, params, stats, meta)
 
 
