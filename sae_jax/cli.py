@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import sys
 from pathlib import Path
@@ -115,8 +116,6 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    import numpy as np
-
     from sae_jax import api
     from sae_jax.data import pipeline
     from sae_jax.data import store as store_lib
@@ -126,10 +125,7 @@ def _cmd_eval(args) -> int:
     store = store_lib.open_store(args.data)
     store.check_d_model(model.sae.d_model, field="the SAE's d_model")
     if args.ground_truth:
-        gt_path = Path(args.ground_truth)
-        if not gt_path.is_file():
-            raise FileNotFoundError(f"--ground-truth file '{gt_path}' does not exist.")
-        gt = np.load(gt_path)
+        gt_path, gt = Path(args.ground_truth), _ground_truth_file(Path(args.ground_truth), model.sae.d_model)
     else:  # the store's own, checked against its digest
         gt_path, gt = store.path / store_lib.GROUND_TRUTH_FILE, store.ground_truth()
     batches = pipeline.iter_eval(store, batch_size=args.batch_size, split="all", max_tokens=args.max_tokens,
@@ -146,6 +142,24 @@ def _cmd_eval(args) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def _ground_truth_file(path: Path, d_model: int):
+    """An explicit true dictionary [F, d_model] (a .npy of real numbers), or ValueError in one sentence."""
+    import numpy as np
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--ground-truth file '{path}' does not exist.")
+    try:
+        gt = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"--ground-truth file '{path}' is not a readable .npy array ({' '.join(str(e).split())}); "
+                         "pass the true dictionary as a float .npy of shape [n_features, d_model].") from None
+    if not isinstance(gt, np.ndarray) or gt.ndim != 2 or gt.shape[1] != d_model or gt.dtype.kind not in "fiu":
+        shape = getattr(gt, "shape", "?")
+        raise ValueError(f"--ground-truth file '{path}' holds {getattr(gt, 'dtype', type(gt).__name__)} of shape "
+                         f"{shape}, but the SAE needs real numbers of shape [n_features, {d_model}] (its d_model).")
+    return gt.astype(np.float32)
 
 
 def _cmd_synth(args) -> int:
@@ -450,25 +464,27 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+# (module, exception class, exit status, whether the line starts with 'error: ')
+FAILURES = (("sae_jax.api", "SaveError", EXIT_CHECKPOINT_FAILED, True),
+            ("sae_jax.checkpoint", "Preempted", EXIT_PREEMPTED, False),
+            ("sae_jax.checkpoint", "CheckpointError", EXIT_CHECKPOINT_FAILED, True),
+            ("sae_jax.train.state", "NonFiniteError", EXIT_NONFINITE, True))
+
+
 def _checkpoint_status(e: Exception) -> int | None:
-    """Exit status of a preempted run or a failed checkpoint or SAE save (one line printed), else None."""
-    api = sys.modules.get("sae_jax.api")  # not imported: the exception cannot be one of its own
-    if api is not None and isinstance(e, api.SaveError):
-        print(f"error: {e}", file=sys.stderr)
+    """Exit status of a preempted run, a failed save, a diverged run or a full disk (one line printed), else None."""
+    for module, name, status, is_error in FAILURES:
+        mod = sys.modules.get(module)  # not imported: the exception cannot be one of its own
+        if mod is not None and isinstance(e, getattr(mod, name)):
+            print(f"error: {e}" if is_error else str(e), file=sys.stderr)
+            return status
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        print(f"error: could not write '{e.filename}': {e.strerror}; free space there (or write elsewhere) and run "
+              "the same command again.", file=sys.stderr)
         return EXIT_CHECKPOINT_FAILED
-    ckpt = sys.modules.get("sae_jax.checkpoint")
-    if ckpt is None:
-        return None
-    if isinstance(e, ckpt.Preempted):
-        print(str(e), file=sys.stderr)
-        return EXIT_PREEMPTED
-    if isinstance(e, ckpt.CheckpointError):
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CHECKPOINT_FAILED
-    state = sys.modules.get("sae_jax.train.state")
-    if state is not None and isinstance(e, state.NonFiniteError):
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
+    if isinstance(e, OSError) and e.filename and not isinstance(e, FileNotFoundError):
+        print(f"error: '{e.filename}': {e.strerror}; check the path and its permissions.", file=sys.stderr)
+        return EXIT_USER_ERROR
     return None
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from clitools import assert_no_traceback
 
 from sae_jax import checkpoint, cli
 from sae_jax import config as config_lib
@@ -264,8 +265,10 @@ def test_full_disk_stops_with_the_last_good_checkpoint(store, tmp_path):
         cmd, out = [sys.executable, "-c", INJECT_ENOSPC, *args], ckdir
     done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
     assert done.returncode == cli.EXIT_CHECKPOINT_FAILED, done.stdout + done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]  # (orbax logs tracebacks)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, done.stderr
+    assert_no_traceback(done.stdout + done.stderr)  # issue 15 (4): orbax's ~420 lines of tracebacks are gone
+    assert done.stderr.strip() == errors[0], done.stderr  # the one line is all there is
     error = errors[0]
     assert error.startswith("error: could not save the checkpoint of step") and "no space left on device" in error
     last_good = int(error.split("last good checkpoint is step ")[1].split()[0])

@@ -41,6 +41,8 @@ class Run:
     tx: object
     lr_schedule: object
     coef: object
+    ground_truth: np.ndarray | None = None
+    """The store's true dictionary (synthetic stores), checked against its digest before any work."""
 
 
 def is_main() -> bool:
@@ -67,7 +69,7 @@ def prepare(cfg: config_lib.Config) -> Run:
     scale = float(1.0 / np.sqrt(norm)) if cfg.data.normalize else 1.0
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
     sharding.check_divisible(mesh, cfg.train.batch_size, cfg.model.d_sae)
-    return Run(cfg, store, sae, mesh, scale, tx, lr_schedule, coef)
+    return Run(cfg, store, sae, mesh, scale, tx, lr_schedule, coef, store.ground_truth())
 
 
 def state_shardings(run: Run, abstract: TrainState):
@@ -230,8 +232,10 @@ def _train(run: Run, workdir: Path, fresh: bool) -> dict:
         preemption.close()
         log.close()
         ckpts.close()
-    if is_main():
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if is_main():  # written whole, then renamed: a summary.json is never a partial one
+        tmp = workdir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(workdir / "summary.json")
     return summary
 
 
@@ -309,18 +313,13 @@ def final_summary(run: Run, model: api.TrainedSAE, wall: float, steps: int, load
     batches = pipeline.iter_eval(run.store, batch_size=c.train.batch_size, split="holdout",
                                  max_tokens=c.train.eval_tokens or None, holdout_fraction=c.data.holdout_fraction,
                                  site=c.data.site or None)
-    result = evaluate(model, batches, ground_truth_of(run.store))
+    result = evaluate(model, batches, run.ground_truth)
     tokens = steps * c.train.batch_size
     result |= {"steps": steps, "train_tokens": tokens, "train_seconds": wall,
                "train_tokens_per_s": (steps - resumed_from) * c.train.batch_size / max(wall, 1e-9),
                "resumed_from_step": resumed_from, "architecture": c.model.architecture,
                "d_sae": c.model.d_sae, "skipped_rows": loader.skipped_rows}
     return result
-
-
-def ground_truth_of(store) -> np.ndarray | None:
-    """The store's ground-truth dictionary, if it was made synthetically (checked against its digest)."""
-    return store.ground_truth()
 
 
 class MetricsLog:
