@@ -3,7 +3,7 @@
 When an Orbax checkpoint write fails (say, the disk is full), each of Orbax's writer threads
 logs its failed array with a traceback (through absl), asyncio logs 'Task exception was never
 retrieved', and tensorstore's callbacks into an event loop that Orbax has already closed print
-'Event loop is closed' tracebacks through ``sys.excepthook``: hundreds of lines. The same
+'Event loop is closed' tracebacks (as unraisable exceptions): hundreds of lines. The same
 failure reaches the training loop through the checkpoint manager and is reported there as one
 ``error:`` line naming the step, the cause and the last good checkpoint, so the command line
 drops these. Only tracebacks made entirely of library frames are dropped (an error that passes
@@ -54,8 +54,18 @@ def _excepthook(previous):
     return hook
 
 
+def _unraisablehook(previous):
+    def hook(unraisable):
+        if unraisable.exc_value is not None and _library_exception(unraisable.exc_value):
+            return
+        previous(unraisable)
+
+    return hook
+
+
 def install() -> None:
-    """Drop library-only tracebacks from the absl and asyncio loggers and from sys.excepthook (once)."""
+    """Drop library-only tracebacks from the absl and asyncio loggers, sys.excepthook and
+    sys.unraisablehook (tensorstore's callbacks into a closed loop end there), once."""
     if os.environ.get("SAE_JAX_DEBUG") == "1" or getattr(sys.excepthook, "sae_jax_quiet", False):
         return
     for name in LOGGERS:
@@ -63,3 +73,4 @@ def install() -> None:
     hook = _excepthook(sys.excepthook)
     hook.sae_jax_quiet = True
     sys.excepthook = hook
+    sys.unraisablehook = _unraisablehook(sys.unraisablehook)
