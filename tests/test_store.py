@@ -330,19 +330,21 @@ def test_import_checks_every_input_before_creating_anything(tmp_path):
 
 
 def test_ground_truth_is_checked_against_its_digest(tmp_path):
-    from sae_jax.train.loop import ground_truth_of
+    from sae_jax import config as config_lib
+    from sae_jax.train import loop
 
+    prepare = lambda: loop.prepare(config_lib.load_config(None, [f"data.store={store.path}", "model.d_sae=16"]))  # noqa
     assert small_store(tmp_path / "plain").ground_truth() is None
     writer = create_store(tmp_path / "s", d_model=8)
     writer.append(rows_of(0, 10))
     writer.add_file("ground_truth.npy", np.eye(4, 8, dtype=np.float32))
     store = writer.finalize()
     np.testing.assert_array_equal(store.ground_truth(), np.eye(4, 8))
-    np.testing.assert_array_equal(ground_truth_of(store), np.eye(4, 8))
+    np.testing.assert_array_equal(prepare().ground_truth, np.eye(4, 8))
     changed = np.eye(4, 8, dtype=np.float32)
     changed[3, 7] = 0.5
     np.save(store.path / "ground_truth.npy", changed)
-    for read in (store.ground_truth, lambda: ground_truth_of(store), lambda: store.load_file("ground_truth.npy")):
+    for read in (store.ground_truth, prepare, lambda: store.load_file("ground_truth.npy")):  # training refuses it first
         with pytest.raises(StoreError, match=r"ground_truth.npy: checksum mismatch .*re-create the store"):
             read()
     (store.path / "ground_truth.npy").unlink()
