@@ -4,13 +4,14 @@
 # multi-host code path without a cluster.
 #
 # Usage: launch/local.sh NPROC CONFIG [key=value ...]
-#   e.g. launch/local.sh 2 configs/demo.yaml model.d_sae=4096
-#        SAE_JAX_CMD=sweep launch/local.sh 2 configs/demo.yaml
+#   e.g. launch/local.sh 2 configs/demo.yaml train.workdir=runs/demo_2proc
+#        SAE_JAX_CMD=sweep launch/local.sh 2 configs/sweep.yaml   # a sweep needs a grid (sweep.KEY=[...])
 #        SAE_JAX_CMD=harvest launch/local.sh 2 OUT --model M --corpus C --hooks H --tokens N
 #
 # Environment:
 #   SAE_JAX_CMD    subcommand to run (default: train)
-#   PYTHON         interpreter, split on spaces (default: python3)
+#   PYTHON         interpreter, split on spaces (default: the repository's .venv/bin/python, made by
+#                  scripts/setup.sh, where it exists, else python3); it must import sae_jax and jax
 #   PORT           coordinator port (default: a free port chosen by PYTHON)
 #   LOG_DIR        where procI.log go (default: a new directory under $TMPDIR or /tmp)
 #   JAX_PLATFORMS  passed to the children (default: cpu)
@@ -38,8 +39,14 @@ config=$2
 shift 2
 [[ $nproc =~ ^[1-9][0-9]*$ ]] || die "NPROC must be a positive integer, got '$nproc'"
 
-read -r -a python <<<"${PYTHON:-python3}"
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+default_python=python3
+[[ ! -x $here/../.venv/bin/python ]] || default_python=$here/../.venv/bin/python
+read -r -a python <<<"${PYTHON:-$default_python}"
 [[ ${#python[@]} -gt 0 ]] || die "PYTHON is empty"
+# Say so now, not as NPROC tracebacks: the interpreter must have the package and jax.
+"${python[@]}" -c 'import importlib.util as u, sys; sys.exit(0 if u.find_spec("jax") and u.find_spec("sae_jax") else 1)' \
+  2>/dev/null || die "${python[*]} cannot import sae_jax and jax; run scripts/setup.sh (it makes .venv/, which is then the default) or set PYTHON=/path/to/venv/bin/python"
 subcommand=${SAE_JAX_CMD:-train}
 grace=${KILL_GRACE:-10}
 [[ $grace =~ ^[0-9]+$ ]] || die "KILL_GRACE must be a whole number of seconds, got '$grace'"

@@ -4,14 +4,17 @@
 #
 # Usage: launch/sweep_grid.sh slurm|local CONFIG GROUPS [key=value ...]
 #   GROUPS uses SLURM's --array syntax: 0-7 | 0,3,5 | 0-15:2 | 0-15%4 (%N = at most N
-#   array tasks at once; ignored locally)
-#   e.g. launch/sweep_grid.sh slurm configs/sweep.yaml 0-7 optim.lr=3e-4
-#        NPROC=2 launch/sweep_grid.sh local configs/sweep.yaml 0-3
+#   array tasks at once; ignored locally). Each must be below the sweep's group count, which
+#   `sae-jax sweep CONFIG [key=value ...] --list-groups` prints (configs/sweep.yaml: 2 groups,
+#   relu and gated); the script checks this before it starts or submits anything.
+#   e.g. launch/sweep_grid.sh slurm configs/sweep.yaml 0-1 optim.lr=3e-4
+#        NPROC=2 launch/sweep_grid.sh local configs/sweep.yaml 0-1
 #
 # Environment:
 #   SAE_JAX_CMD   subcommand (default: sweep)
 #   GROUP_KEY     override that selects the group (default: sweep.group)
-#   PYTHON        interpreter, split on spaces (default: python3)
+#   PYTHON        interpreter, split on spaces (default: the repository's .venv/bin/python where it
+#                 exists, else python3); it also counts the groups, on the submitting machine
 #   NPROC         local: processes per group; above 1 each group runs via launch/local.sh
 #   SBATCH_FLAGS  slurm: extra sbatch flags, split on spaces (e.g. "--nodes=2 -p gpu");
 #                 the job itself is launch/slurm.sbatch (see its header for VENV, etc.)
@@ -75,9 +78,29 @@ expand_groups() {
   done
 }
 
+default_python=python3
+[[ ! -x $here/../.venv/bin/python ]] || default_python=$here/../.venv/bin/python
+read -r -a python <<<"${PYTHON:-$default_python}"
+[[ ${#python[@]} -gt 0 ]] || die "PYTHON is empty"
+
+# check_groups SPEC CONFIG OVERRIDES...: every group SPEC selects exists (a sweep's own groups only:
+# with another SAE_JAX_CMD or GROUP_KEY the script cannot know what the indices mean).
+check_groups() {
+  local spec=$1 n g out
+  shift
+  [[ $subcommand == sweep && $key == sweep.group ]] || return 0
+  out=$("${python[@]}" -m sae_jax sweep "$@" --list-groups) || die "could not list the groups of '$*' (above)"
+  n=$(grep -c $'^[0-9]\+\t' <<<"$out" || true)
+  [[ $n -gt 0 ]] || die "'sae-jax sweep $* --list-groups' printed no groups"
+  while read -r g; do
+    ((g < n)) || die "GROUPS '$spec' selects group $g, but this sweep has $n group(s): use indices 0-$((n - 1))"
+  done < <(expand_groups "$spec")
+}
+
 case $mode in
   slurm)
     expand_groups "$spec" >/dev/null # validate before submitting
+    check_groups "$spec" "$config" "$@"
     read -r -a sbatch_flags <<<"${SBATCH_FLAGS:-}"
     run sbatch --array="$spec" --job-name="sae-jax-sweep" \
       --export="ALL,ARRAY_KEY=$key,SAE_JAX_CMD=$subcommand" \
@@ -87,7 +110,7 @@ case $mode in
     expand_groups "$spec" >/dev/null # validate here: a failure inside <(...) is lost
     mapfile -t groups < <(expand_groups "$spec")
     [[ ${#groups[@]} -gt 0 ]] || die "GROUPS '$spec' selects no group"
-    read -r -a python <<<"${PYTHON:-python3}"
+    check_groups "$spec" "$config" "$@"
     nproc=${NPROC:-1}
     [[ $nproc =~ ^[1-9][0-9]*$ ]] || die "NPROC must be a positive integer, got '$nproc'"
     for g in "${groups[@]}"; do

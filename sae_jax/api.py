@@ -84,6 +84,12 @@ class TrainedSAE:
         """Decoder rows [d_sae, d_model] (feature directions)."""
         return np.asarray(self.params["W_dec"])
 
+    def __repr__(self) -> str:
+        """A summary (architecture, widths, parameter shapes), not every weight."""
+        shapes = ", ".join(f"{k}{list(np.shape(v))}" for k, v in self.params.items())
+        n = sum(int(np.size(v)) for v in self.params.values())
+        return f"TrainedSAE({self.sae!r}; {n:,} parameters: {shapes})"
+
 
 def _as_rows(x, width: int, what: str, name: str) -> tuple[jax.Array, tuple[int, ...], bool]:
     """x as float32 rows [n, width], its leading shape, and whether the caller gave a non-jax array."""

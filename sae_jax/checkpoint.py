@@ -474,7 +474,7 @@ def reconcile(meta: dict, cfg: config_lib.Config, store_identity: str, step: int
     kept, changes = {}, []
     for key, new in now.items():
         old = saved.get(key, new)
-        if old == new:
+        if old == new or (key == "model.d_model" and 0 in (old, new)):  # 0: from the store, checked above
             continue
         if key in STEP_DERIVED and new == _derived_warmup(now["train.steps"]):
             kept[key] = old
@@ -486,7 +486,8 @@ def reconcile(meta: dict, cfg: config_lib.Config, store_identity: str, step: int
         else:
             raise config_lib.ConfigError(
                 f"config key '{key}' changed from {old!r} to {new!r} since the checkpoint of step {step}; a resumed "
-                "run cannot change it: restore the old value, or pass --fresh to start over.")
+                "run cannot change it: restore the old value, set train.workdir to a new directory for a separate "
+                "run, or pass --fresh to start over (deleting these checkpoints).")
     if cfg.train.steps < step:
         raise config_lib.ConfigError(f"config key 'train.steps' ({cfg.train.steps}) is below the checkpoint's step "
                                      f"{step}; raise it, or pass --fresh to start over.")

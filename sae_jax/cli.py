@@ -28,13 +28,26 @@ Typical session:
 Every config field is documented in sae_jax/config.py; see README.md."""
 
 
+def _pop_flags(args, *names: str) -> list[str]:
+    """The overrides without the flags ``names`` (also accepted after the config file), each flag's
+    attribute on ``args`` set when it was given there."""
+    for name in names:
+        if name in args.overrides:
+            setattr(args, name.removeprefix("--").replace("-", "_"), True)
+    return [o for o in args.overrides if o not in names]
+
+
 def _cmd_train(args) -> int:
     from sae_jax import config as config_lib
     from sae_jax.train.loop import train
 
-    fresh = args.fresh or "--fresh" in args.overrides  # also accepted after the config file
-    cfg = config_lib.load_config(args.config, [o for o in args.overrides if o != "--fresh"])
-    summary = train(cfg, fresh=fresh)
+    overrides = _pop_flags(args, "--fresh", "--print-config")
+    cfg = config_lib.load_config(args.config, overrides)
+    if args.print_config:
+        print(_config_yaml(_with_store_d_model(cfg)), end="")
+        return 0
+    _start_banner("train", cfg, [cfg])
+    summary = train(cfg, fresh=args.fresh)
     import jax
 
     if jax.process_index() == 0:  # one table per job, not one per process
@@ -77,12 +90,25 @@ def _cmd_sweep(args) -> int:
 
     from sae_jax import config as config_lib
     from sae_jax import report
+    from sae_jax import sweep as sweep_lib
     from sae_jax.sweep import sweep
 
     # Unresolved: each member takes its own architecture's recipe defaults.
-    fresh = args.fresh or "--fresh" in args.overrides  # also accepted after the config file
-    cfg = config_lib.load_config(args.config, [o for o in args.overrides if o != "--fresh"], resolve_recipe=False)
-    summaries = sweep(cfg, fresh=fresh)
+    overrides = _pop_flags(args, "--fresh", "--print-config", "--list-groups")
+    cfg = config_lib.load_config(args.config, overrides, resolve_recipe=False)
+    if args.print_config or args.list_groups:
+        groups = sweep_lib.group_members(sweep_lib.expand(cfg))
+        if args.list_groups:  # one line per group: index, tab, its members (what launch/sweep_grid.sh counts)
+            print("\n".join(f"{i}\t{','.join(m.name for m in g)}" for i, g in enumerate(groups)))
+        else:
+            print(_config_yaml(cfg), end="")
+            print(_groups_yaml(groups), end="")
+        return 0
+    groups = sweep_lib.group_members(sweep_lib.expand(cfg))
+    chosen = [m.cfg for i, g in sweep_lib.select(groups, cfg.sweep.group) for m in g]
+    _start_banner("sweep", cfg, chosen, f"{len(chosen)} of {sum(map(len, groups))} members in "
+                  f"{len(groups) if cfg.sweep.group == -1 else 1} of {len(groups)} groups")
+    summaries = sweep(cfg, fresh=args.fresh)
     out = Path(cfg.train.workdir)
     if jax.process_index() != 0:  # process 0 writes the report; the others need not wait for it
         return 0
@@ -90,6 +116,75 @@ def _cmd_sweep(args) -> int:
     print(f"trained {len(summaries)} members; wrote {out / report.CSV_FILE}, {out / report.JSON_FILE} and "
           f"{out / report.PLOT_FILE}")
     return 0
+
+
+def _config_yaml(cfg) -> str:
+    import yaml
+
+    from sae_jax import config as config_lib
+
+    return yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False)
+
+
+def _groups_yaml(groups) -> str:
+    """A sweep's groups as YAML: what each sweep.group=I job trains."""
+    import yaml
+
+    doc = [{"group": i, "architecture": g[0].cfg.model.architecture, "members": {m.name: m.point for m in g}}
+           for i, g in enumerate(groups)]
+    head = (f"# {len(groups)} group(s); sweep.group=I trains group I only (launch/sweep_grid.sh: GROUPS "
+            f"0-{len(groups) - 1})\n")
+    return "---\n" + head + yaml.safe_dump({"groups": doc}, sort_keys=False)
+
+
+def _with_store_d_model(cfg):
+    """The config with model.d_model taken from its store, where the store can be opened (else as it is)."""
+    from sae_jax import config as config_lib
+    from sae_jax.data import store as store_lib
+
+    if cfg.model.d_model or not cfg.data.store:
+        return cfg
+    try:
+        return config_lib.with_d_model(cfg, store_lib.open_store(cfg.data.store).d_model)
+    except Exception:  # noqa: BLE001 - a missing store is reported by the run itself, not by --print-config
+        return cfg
+
+
+def _start_banner(command: str, cfg, members: list, extra: str = "") -> None:
+    """Process 0 says where the run goes: backend, devices, mesh, parameters and work directory.
+
+    Informational only: anything it cannot work out (e.g. a missing store) is left to the run, which
+    reports it in its own words."""
+    import jax
+    import numpy as np
+
+    from sae_jax import sharding
+    from sae_jax.data import store as store_lib
+    from sae_jax.models.sae import make_sae
+
+    d = cfg.distributed
+    sharding.init_distributed(d.coordinator, d.num_processes, d.process_id)  # before any backend is touched
+    if jax.process_index() != 0:
+        return
+    try:
+        mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
+        d_model = store_lib.open_store(cfg.data.store).d_model if cfg.data.store else 0
+        counts = set()
+        for m in members:
+            sae = make_sae(m.model, m.sparsity.penalty, m.train.dead_tokens)
+            sae = dataclasses.replace(sae, d_model=d_model)  # the config's d_model may be 0: from the store
+            sample = jax.ShapeDtypeStruct((16, d_model), np.float32)
+            shapes = jax.eval_shape(sae.init, jax.random.key(0), sample)
+            counts.add(sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes)))
+    except Exception:  # noqa: BLE001 - the run itself reports what is wrong
+        return
+    devices = jax.devices()
+    kinds = sorted({getattr(dev, "device_kind", dev.platform) for dev in devices})
+    params = f"{min(counts):,}" if len(counts) == 1 else f"{min(counts):,}-{max(counts):,}"
+    print(f"sae-jax {command}: backend {jax.default_backend()}, {len(devices)} device(s) ({', '.join(kinds)}) in "
+          f"{jax.process_count()} process(es); mesh data={mesh.shape['data']} x model={mesh.shape['model']}\n"
+          f"  {members[0].model.architecture if len(members) == 1 else 'each member'}: d_model {d_model}, "
+          f"{params} parameters{'; ' + extra if extra else ''}; work directory {cfg.train.workdir}", flush=True)
 
 
 def _cmd_report(args) -> int:
@@ -262,17 +357,36 @@ def _print_result(result: dict, title: str) -> None:
     print(table(result, title))
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default, unless it is None/False or the help already names one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (default in (None, False, argparse.SUPPRESS) or "default" in text or not action.option_strings
+                or isinstance(default, bool)):
+            return text
+        return f"{text} (default: {default})"
+
+
+class _MainFormatter(argparse.RawDescriptionHelpFormatter, _DefaultsFormatter):
+    pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
-    p = argparse.ArgumentParser(prog="sae-jax", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="sae-jax", description=DESCRIPTION, formatter_class=_MainFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **kw: _add(*a, **{"formatter_class": _DefaultsFormatter, **kw})
 
     t = sub.add_parser("train", help="train an SAE from a YAML config plus dotted overrides",
                        description="Train an SAE. Overrides look like model.d_sae=4096 optim.lr=3e-4 "
                                    "(or --model.d_sae 4096). Every key is documented in sae_jax/config.py.")
     t.add_argument("--fresh", action="store_true", help="start over: delete the work directory's checkpoints "
                    "(by default a run resumes from its newest good checkpoint)")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config (recipe defaults "
+                   "filled in) as YAML and exit without training")
     t.add_argument("config", help="YAML config file, e.g. configs/demo.yaml")
     t.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted key=value overrides")
     t.set_defaults(fn=_cmd_train)
@@ -299,6 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "sweep_summary.csv/.json and pareto.png. sweep.group=I trains group I only.")
     w.add_argument("--fresh", action="store_true", help="start over: delete this job's checkpoints (by default "
                    "a sweep resumes from its newest good checkpoint; SIGTERM saves one and exits with status 143)")
+    w.add_argument("--print-config", action="store_true", help="print the sweep's config and its groups (what "
+                   "each sweep.group=I trains) as YAML and exit without training")
+    w.add_argument("--list-groups", action="store_true", help="print one line per group (index, tab, members) "
+                   "and exit without training")
     w.add_argument("config", help="YAML config file (its sweep.grid, plus the overrides)")
     w.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted key=value overrides; sweep.KEY=[a,b] adds a "
                                                                "grid axis")
@@ -365,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("store", help="import, inspect and verify activation stores")
     ss = st.add_subparsers(dest="store_cmd", required=True, metavar="ACTION")
+    _add_store = ss.add_parser
+    ss.add_parser = lambda *a, **kw: _add_store(*a, **{"formatter_class": _DefaultsFormatter, **kw})
     si = ss.add_parser("import", help="import .npy / .safetensors files [n, d] into a new store")
     si.add_argument("out", help="output store directory")
     si.add_argument("--from", dest="files", nargs="+", required=True, help="input files, concatenated in order")
@@ -444,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
         hostmem.reexec_with_hugepages()
     quiet.install()
     parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # bare `sae-jax`: the overview, not a usage error
+        parser.print_help()
+        return 0
     args, extra = parser.parse_known_args(argv)
     if extra and (args.fn is not _cmd_harvest or any(e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

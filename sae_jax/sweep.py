@@ -113,8 +113,9 @@ def expand(cfg: Config) -> list[Member]:
     """
     grid = cfg.sweep.grid
     if not grid:
-        raise ConfigError("config key 'sweep.grid' is empty; list the values to sweep, e.g. "
-                          "sweep.sparsity.coefficient=[1e-4,3e-4,1e-3].")
+        raise ConfigError("config key 'sweep.grid' is empty, so there is nothing to sweep; add a grid axis as "
+                          "sweep.KEY=[...] after the config, e.g. sweep.sparsity.coefficient=[0.05,0.1,0.2] (or "
+                          "list it under sweep.grid in the file).")
     base = config_lib.to_dict(dataclasses.replace(cfg, sweep=config_lib.SweepConfig()))
     members = []
     for values in itertools.product(*grid.values()):
@@ -273,12 +274,23 @@ def sweep(cfg: Config, fresh: bool = False) -> dict[str, dict]:
     the summary written to its summary.json}; also writes the report over every finished member of
     WORKDIR (so the last job of a grid of jobs joins them).
     """
+    check_not_single_run(Path(cfg.train.workdir))
     all_groups = group_members(expand(cfg))
     groups = [build_group(i, g, cfg.sweep, init=False) for i, g in select(all_groups, cfg.sweep.group)]
     workdir = loop.make_workdir(cfg.train.workdir)
     name = lock.LOCK_FILE if cfg.sweep.group == -1 else f"{lock.LOCK_FILE}-group-{cfg.sweep.group}"
     with lock.hold(workdir, "sae-jax sweep", name):  # a grid of jobs shares WORKDIR: one lock per group
         return _sweep(cfg, all_groups, groups, fresh)
+
+
+def check_not_single_run(workdir: Path) -> None:
+    """ConfigError if ``workdir`` holds a single run (``sae-jax train``): a sweep there would mix with (or,
+    with --fresh, delete) that run's checkpoints and overwrite its config.yaml."""
+    single = [n for n in ("metrics.jsonl", "summary.json", "sae") if (workdir / n).exists()]
+    if single and not (workdir / PLAN_FILE).exists():
+        raise ConfigError(f"config key 'train.workdir' is '{workdir}', which holds a single run of `sae-jax train` "
+                          f"({', '.join(single)}), not a sweep; give the sweep its own directory, e.g. "
+                          f"train.workdir={workdir}_sweep.")
 
 
 def _sweep(cfg: Config, all_groups: list, groups: list[Group], fresh: bool) -> dict[str, dict]:

@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+echo "demo.sh: sae-jax is installed in .venv/; to run it yourself: source .venv/bin/activate" >&2
 exec .venv/bin/sae-jax demo "$@"

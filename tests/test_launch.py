@@ -48,6 +48,9 @@ if sys.argv[1:2] == ["-c"]:  # local.sh asks its interpreter for a free port
     exec(sys.argv[2])
     sys.exit(0)
 args = sys.argv[1:]
+if "--list-groups" in args:  # sweep_grid.sh counts a sweep's groups first; not a run
+    print("\\n".join("%d\\tmember%d" % (i, i) for i in range(int(os.environ.get("FAKE_GROUPS", "8")))))
+    sys.exit(0)
 record = {{
     "argv": args,
     "pid": os.getpid(),
@@ -346,6 +349,46 @@ def test_sweep_grid_slurm_submits_one_array(fake: Fake):
     ]  # fmt: skip
 
 
+def test_sweep_grid_checks_groups_against_the_sweeps_group_count(fake: Fake):
+    for mode in ("local", "slurm"):
+        result = _run([str(SWEEP_GRID), mode, "cfg.yaml", "0,3,5", "a=1"], fake.env(FAKE_GROUPS="2", DRY_RUN="0"))
+        assert result.returncode == 2, result.stderr
+        assert "selects group 3, but this sweep has 2 group(s): use indices 0-1" in result.stderr
+        assert not fake.records()  # nothing ran, nothing was submitted
+    result = _run([str(SWEEP_GRID), "local", "cfg.yaml", "0-1"], fake.env(FAKE_GROUPS="2"))
+    assert result.returncode == 0, result.stderr
+    assert [r["kv"]["sweep.group"] for r in fake.records()] == ["0", "1"]
+
+
+def test_local_and_sweep_grid_default_to_the_repositorys_venv(tmp_path: Path):
+    """Without PYTHON, a checkout's .venv/bin/python (scripts/setup.sh) runs, not a python3 without jax."""
+    repo = tmp_path / "repo"
+    (repo / "launch").mkdir(parents=True)
+    for script in (LOCAL, SWEEP_GRID):
+        shutil.copy2(script, repo / "launch" / script.name)
+    fake = Fake(tmp_path)
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    shutil.copy2(fake.python, repo / ".venv" / "bin" / "python")
+    env = _clean_env(FAKE_RECORD_DIR=str(fake.records_dir), LOG_DIR=str(fake.logs))
+    result = _run([str(repo / "launch" / "local.sh"), "1", "cfg.yaml"], env)
+    assert result.returncode == 0, result.stderr
+    assert f"{repo}/launch/../.venv/bin/python -m sae_jax train" in result.stderr
+    assert len(fake.records()) == 1
+    result = _run([str(repo / "launch" / "sweep_grid.sh"), "local", "cfg.yaml", "0"], env)
+    assert result.returncode == 0, result.stderr
+    assert len(fake.records()) == 2
+
+
+def test_local_says_in_one_line_when_python_has_no_jax(fake: Fake, tmp_path: Path):
+    bare = tmp_path / "bare-python"
+    bare.write_text("#!/bin/sh\nexit 1\n")  # stands in for a python3 that cannot import jax
+    bare.chmod(0o755)
+    result = _run([str(LOCAL), "2", "cfg.yaml"], fake.env() | {"PYTHON": str(bare)})
+    assert result.returncode == 2
+    assert "cannot import sae_jax and jax" in result.stderr and "PYTHON=" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("spec", ["", "a-b", "3-", "1,,2"])
 def test_sweep_grid_rejects_bad_group_specs(fake: Fake, spec: str):
     for mode in ("slurm", "local"):
@@ -472,3 +515,16 @@ def test_dockerfile_conventions(dockerfile: Path):
     assert user.split(":")[0] not in ("0", "root")
     assert 'ENTRYPOINT ["/usr/local/bin/sae-jax-entrypoint"]' in text
     assert "COPY --chmod=755 docker/entrypoint.sh /usr/local/bin/sae-jax-entrypoint" in text
+
+
+def test_dockerignore_keeps_the_build_context_small_but_complete():
+    """A root .dockerignore leaves out .venv, runs/, caches and .git, and none of what the Dockerfiles COPY."""
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    for heavy in (".git", ".venv", "runs", "**/__pycache__", ".pytest_cache", ".ruff_cache"):
+        assert heavy in patterns, f".dockerignore does not exclude {heavy}"
+    copied = {src for f in DOCKERFILES for line in f.read_text().splitlines() if line.startswith("COPY")
+              for src in line.split()[1:-1] if not src.startswith("--")}
+    assert copied == {"pyproject.toml", "README.md", "sae_jax", "docker/entrypoint.sh", "configs"}
+    for src in copied:
+        assert src not in patterns and src.split("/")[0] not in patterns, f".dockerignore excludes {src}"

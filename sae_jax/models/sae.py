@@ -523,6 +523,26 @@ REGISTRY: dict[str, type[SAE]] = {
     cls.name: cls for cls in (SAE, GatedSAE, JumpReLUSAE, TopKSAE, BatchTopKSAE, MatryoshkaSAE, ProLUSAE)
 }
 
+_SUMMARY_FIELDS = ("d_model", "d_sae", "penalty", "k", "widths", "eps", "estimator")
+
+
+def _summary(self: SAE) -> str:
+    """A short summary: the class, the widths and what tells the architecture's runs apart."""
+    parts = []
+    for name in _SUMMARY_FIELDS:
+        if not hasattr(self, name):
+            continue
+        value = getattr(self, name)
+        if name == "widths" and len(value) > 4:
+            parts.append(f"widths=({value[0]}, {value[1]}, ..., {value[-1]})")
+        else:
+            parts.append(f"{name}={value!r}")
+    return f"{type(self).__name__}({', '.join(parts)})"
+
+
+for _cls in REGISTRY.values():  # each @dataclass wrote its own __repr__ (every field); one short one for all
+    _cls.__repr__ = _summary
+
 
 def make_sae(model: Any, penalty: str, dead_tokens: int = 10_000_000) -> SAE:
     """Build the architecture named by ``model.architecture`` from a resolved ModelConfig."""
