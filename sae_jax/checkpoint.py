@@ -1,4 +1,4 @@
-"""Checkpoints of a training run: restore_or_init at start, maybe_save in the loop, preemption.
+"""Checkpoints of a training run: restore_or_init at start, save in the loop (when due), preemption.
 
 The only module that imports orbax. A checkpoint (one orbax step directory) holds three items:
 
@@ -289,14 +289,8 @@ class Checkpoints:
 
     # -------------------------------------------------------------- saving
     def due(self, step: int, total: int) -> bool:
-        """Whether ``maybe_save`` saves at ``step``: every ``every`` steps and at the last step."""
+        """Whether the loop saves at ``step``: every ``every`` steps and at the last step."""
         return step == total or (self.every > 0 and step % self.every == 0)
-
-    def maybe_save(self, step: int, total: int, state: Any, meta: Callable[[], dict]) -> bool:
-        """Save at ``step`` if it is due (see ``due``); ``meta()`` gives the JSON item."""
-        if not self.due(step, total):
-            return False
-        return self.save(step, state, meta())
 
     def save(self, step: int, state: Any, meta: dict) -> bool:
         """Start an asynchronous save of ``state`` at ``step`` (no-op if that step is saved already).
