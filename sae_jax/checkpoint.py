@@ -1,4 +1,4 @@
-"""Checkpoints of a training run: restore_or_init at start, maybe_save in the loop, preemption.
+"""Checkpoints of a training run: restore_or_init at start, save in the loop (when due), preemption.
 
 The only module that imports orbax. A checkpoint (one orbax step directory) holds three items:
 
@@ -289,14 +289,8 @@ class Checkpoints:
 
     # -------------------------------------------------------------- saving
     def due(self, step: int, total: int) -> bool:
-        """Whether ``maybe_save`` saves at ``step``: every ``every`` steps and at the last step."""
+        """Whether the loop saves at ``step``: every ``every`` steps and at the last step."""
         return step == total or (self.every > 0 and step % self.every == 0)
-
-    def maybe_save(self, step: int, total: int, state: Any, meta: Callable[[], dict]) -> bool:
-        """Save at ``step`` if it is due (see ``due``); ``meta()`` gives the JSON item."""
-        if not self.due(step, total):
-            return False
-        return self.save(step, state, meta())
 
     def save(self, step: int, state: Any, meta: dict) -> bool:
         """Start an asynchronous save of ``state`` at ``step`` (no-op if that step is saved already).
@@ -509,6 +503,8 @@ def _rewarm(old: config_lib.Config, cfg: config_lib.Config, step: int) -> tuple[
     """
     from sae_jax.train import step as step_lib
 
+    if old.optim.warmup_steps is None or cfg.optim.warmup_steps is None:  # a sweep's own, unresolved config:
+        return cfg, ""  # each member's resolved config re-warms in its own reconcile
     f_old = float(step_lib.schedule(old.optim, old.train.steps)(step))
     f_new = float(step_lib.schedule(cfg.optim, cfg.train.steps)(step))
     if abs(f_new - f_old) <= 1e-6:

@@ -8,7 +8,7 @@ r_mag instead of b_enc; jumprelu: threshold [d_sae]). Sources: sae_lens 6.x ``sa
 (SAEConfig, save_model, load_from_disk, fold_W_dec_norm) and ``saes/{standard,gated,jumprelu,
 topk,batchtopk}_sae.py``.
 
-How our architectures map (every export works on raw activations: ``loop.save_trained`` has
+How our architectures map (every export works on raw activations: ``train.outputs.save_trained`` has
 already folded the store's normalization scalar into the saved parameters):
 
 =====================  ==========  ==============================================================

@@ -15,6 +15,7 @@ import pytest
 from sae_jax import api, cli, report
 from sae_jax import config as config_lib
 from sae_jax import sweep as sweep_lib
+from sae_jax.train import stacked
 from sae_jax.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def test_vmap_size_chooses_vmap_or_a_lax_map_loop(small_store, tmp_path):
     x = small_store.read(0, 256)
     for size, looped in [(2, False), (1, True), (0, True)]:  # 0 = auto: a loop on CPU
         cfg = _sweep_cfg(small_store, tmp_path, "sweep.sparsity.coefficient=[0.05,0.2]", f"sweep.vmap_size={size}")
-        group = sweep_lib.build_group(0, sweep_lib.expand(cfg), cfg.sweep)
+        group = stacked.build_group(0, sweep_lib.expand(cfg), cfg.sweep)
         assert group.state.params["W_enc"].shape == (2, 32, 64)
         assert ("while" in group.step.lower(group.state, x).as_text()) == looped
 
@@ -198,6 +199,7 @@ SHARDED = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     from sae_jax import config as C, api, sweep as S
+    from sae_jax.train import stacked
     store, root = sys.argv[1], sys.argv[2]
     params, specs = {}, {}
     for shard in ("false", "true"):
@@ -205,7 +207,7 @@ SHARDED = textwrap.dedent("""
             "train.batch_size=256", "train.steps=20", "train.progress=false", "train.eval_tokens=2048",
             "mesh.data=2", "mesh.model=2", f"sweep.shard={shard}", "sweep.sparsity.coefficient=[0.05,0.2]"],
             resolve_recipe=False)
-        group = S.build_group(0, S.expand(cfg), cfg.sweep)
+        group = stacked.build_group(0, S.expand(cfg), cfg.sweep)
         specs[shard] = [list(group.state.params[k].sharding.spec) for k in ("W_enc", "b_dec")]
         S.sweep(cfg)
         names = ("coefficient-0.05", "coefficient-0.2")

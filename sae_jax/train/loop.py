@@ -1,32 +1,48 @@
-"""train(config): the composition root. The only place that jits the step.
+"""The one training driver: every job (a single run, a sweep, one group of a sweep) trains here.
 
-It wires the store and loader (data/), the mesh (sharding.py), the architecture
-(models/), the step (train/step.py) and the outputs of a work directory.
+A job trains groups of members on one data stream: each group has one state and one jitted step, and
+every group steps on the same global batch, so the store is read once for the whole job. A single run
+(``train``) is a job of one group of one member whose state is the plain TrainState and whose step is
+``make_train_step`` jitted with explicit shardings (``compile_step``); a sweep (``sae_jax.sweep``) is a
+job of groups whose members' states are stacked along a ``sweep`` axis (``sae_jax.train.stacked``).
+``run_job`` does the rest, the same for both: the work directory's lock (``sae_jax.lock``), restore or
+init (the config checks of a resume), the loop, the checkpoints (every ``checkpoint.every`` steps, at the
+end, and on SIGTERM/SIGINT with ``checkpoint.Preempted``), the metrics logs, the non-finite checks and
+each member's outputs (``sae_jax.train.outputs``: metrics.jsonl, sae/, summary.json).
+
+Checkpoint layout (``checkpoint.FORMAT_VERSION``): a single run saves its TrainState; a sweep saves
+``{'group-I': stacked TrainState}`` with the groups and every member's resolved config in the meta.
+Non-finite values: a single run stops at the first NaN or Inf (parameters at a save, logged metrics, the
+evaluation) naming its last good checkpoint; in a sweep a diverged member gets no sae/ or summary.json,
+the others finish, and the job then raises NonFiniteError naming it.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 
-from sae_jax import api, checkpoint, lock, progress, sharding
+from sae_jax import api, checkpoint, lock, sharding
 from sae_jax import config as config_lib
+from sae_jax.config import Config, ConfigError
 from sae_jax.data import pipeline
 from sae_jax.data import store as store_lib
-from sae_jax.evaluate import evaluate
 from sae_jax.models.sae import SAE, make_sae
+from sae_jax.train import outputs
 from sae_jax.train import step as step_lib
+from sae_jax.train.outputs import is_main
 from sae_jax.train.state import NonFiniteError, TrainState, init_state, is_finite
 
 INIT_SAMPLE_ROWS = 4096
-SAVE_FIX = ("free space there or choose another train.workdir, then run the same command again: the checkpoints "
-            "are intact, so it resumes from the last one and saves sae/ again")
 
 
 @dataclass
@@ -43,11 +59,6 @@ class Run:
     coef: object
     ground_truth: np.ndarray | None = None
     """The store's true dictionary (synthetic stores), checked against its digest before any work."""
-
-
-def is_main() -> bool:
-    """Only process 0 writes logs and summaries."""
-    return jax.process_index() == 0
 
 
 def prepare(cfg: config_lib.Config) -> Run:
@@ -152,19 +163,6 @@ def make_loader(run: Run, split: str = "train") -> pipeline.ActivationLoader:
     )
 
 
-def train(cfg: config_lib.Config, fresh: bool = False) -> dict:
-    """Train one SAE as configured; returns the summary written to summary.json.
-
-    Resumes from the newest good checkpoint unless ``fresh`` (which deletes the old ones). On
-    SIGTERM/SIGINT it saves a checkpoint and raises ``checkpoint.Preempted``. Process 0 holds the
-    work directory's lock (``sae_jax.lock``) throughout, so a second writer is refused.
-    """
-    run = prepare(cfg)
-    workdir = make_workdir(run.cfg.train.workdir)
-    with lock.hold(workdir, "sae-jax train"):
-        return _train(run, workdir, fresh)
-
-
 def make_workdir(path: str | Path) -> Path:
     """``train.workdir``, created by process 0; ConfigError if it is (or lies under) a file."""
     workdir = Path(path)
@@ -177,75 +175,255 @@ def make_workdir(path: str | Path) -> Path:
     return workdir
 
 
-def _train(run: Run, workdir: Path, fresh: bool) -> dict:
-    cfg = run.cfg
-    ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(cfg), cfg.checkpoint.every, cfg.checkpoint.keep,
-                                   sharding.replicated(run.mesh), fresh=fresh)
+
+
+# --------------------------------------------------------------------------- members, groups, jobs
+@dataclass(frozen=True)
+class Member:
+    """One model a job trains: a single run, or one point of a sweep's grid."""
+
+    name: str
+    """Its key in logs and summaries; for a sweep the directory name under WORKDIR/members (e.g.
+    'architecture-relu_coefficient-0.001')."""
+    point: dict[str, Any]
+    """The grid values of a sweep member (dotted key -> value); {} for a single run."""
+    cfg: Config
+    """The member's resolved config: exactly what a single run of it would use (its train.workdir included)."""
+
+
+@dataclass
+class Group:
+    """Members trained together by one jitted step on one state."""
+
+    index: int
+    """Position among all the job's groups (what ``sweep.group`` selects)."""
+    members: list[Member]
+    run: Run
+    """The store, architecture, optimizer, schedules and mesh the members share."""
+    shardings: Any
+    """NamedShardings of the state."""
+    state: TrainState | None
+    """The state: a plain TrainState (``stacked`` false: one member) or the members' states stacked (every
+    leaf with a leading axis of len(members))."""
+    step: Callable
+    """(state, batch) -> (state, metrics): scalars, or [len(members)] each when stacked."""
+    init: Callable[[], TrainState]
+    """The fresh state, born sharded."""
+    abstract: TrainState
+    """Shapes, dtypes and shardings of the state: what a checkpoint restores into."""
+    stacked: bool = False
+
+    @property
+    def key(self) -> str:
+        """The group's name in a sweep's checkpointed state: 'group-I'."""
+        return f"group-{self.index}"
+
+    def member_state(self, i: int) -> TrainState:
+        """Member i's state (replicated when stacked: one member's memory at a time, whatever the layout)."""
+        return _taker(self.run.mesh)(self.state, i) if self.stacked else self.state
+
+    def member_values(self, host_metrics: dict) -> list[dict[str, float]]:
+        """Each member's logged metrics from the step's (host) metrics."""
+        if not self.stacked:
+            return [{k: float(v) for k, v in host_metrics.items()}]
+        return [{k: float(v[i]) for k, v in host_metrics.items()} for i in range(len(self.members))]
+
+
+@functools.cache
+def _taker(mesh: jax.sharding.Mesh) -> Callable:
+    return jax.jit(lambda state, i: jax.tree.map(lambda a: a[i], state), out_shardings=sharding.replicated(mesh))
+
+
+def single_group(run: Run) -> Group:
+    """A single run as a job's group: one member, the plain TrainState and the plain jitted step."""
+    abstract = abstract_train_state(run)
+    member = Member(Path(run.cfg.train.workdir).name, {}, run.cfg)
+    return Group(0, [member], run, state_shardings(run, abstract), None, compile_step(run, abstract),
+                 lambda: init_train_state(run), abstract)
+
+
+@dataclass
+class Job:
+    """What ``run_job`` trains and where it writes."""
+
+    cfg: Config
+    """The job's config: the single run's, or the sweep's (grid included)."""
+    groups: list[Group]
+    command: str
+    """'sae-jax train' or 'sae-jax sweep': named in the lock and on the progress bar."""
+    write_plan: Callable[[Config, list[Group]], None]
+    """Writes the config files once the config to run with is known (process 0, after any restore)."""
+    rebuild: Callable[[Group, list[Member]], Group]
+    """The group again for members whose config a resume changed (e.g. kept warmups)."""
+    sweep: bool = False
+    """A sweep saves ``{'group-I': state}`` with its groups and members in the meta, and tolerates a diverged
+    member; a single run saves its TrainState and stops at the first NaN or Inf."""
+    part: str = ""
+    """'-group-I' for a job of one group of a sweep: its checkpoint directory and lock get that suffix, so
+    the jobs of a grid of jobs share WORKDIR and resume independently."""
+    finish: Callable[[Config], None] | None = None
+    """Called on process 0 after every member's outputs (a sweep's report)."""
+
+    @property
+    def members(self) -> list[Member]:
+        return [m for g in self.groups for m in g.members]
+
+    def checkpoint_dir(self) -> Path:
+        """``checkpoint.dir`` or WORKDIR/checkpoints, + ``part``."""
+        base = checkpoint.checkpoint_dir(self.cfg)
+        return base.with_name(base.name + self.part)
+
+    def tree(self, states: list) -> Any:
+        """The checkpointed pytree of the groups' states (or of their abstract states)."""
+        return {g.key: s for g, s in zip(self.groups, states, strict=True)} if self.sweep else states[0]
+
+    def untree(self, tree: Any) -> list:
+        return [tree[g.key] for g in self.groups] if self.sweep else [tree]
+
+
+def train(cfg: Config, fresh: bool = False) -> dict:
+    """Train one SAE as configured; returns the summary written to summary.json.
+
+    Resumes from the newest good checkpoint unless ``fresh`` (which deletes the old ones). On
+    SIGTERM/SIGINT it saves a checkpoint and raises ``checkpoint.Preempted``. Process 0 holds the
+    work directory's lock (``sae_jax.lock``) throughout, so a second writer is refused.
+    """
+    group = single_group(prepare(cfg))
+
+    def write_plan(cfg: Config, groups: list[Group]) -> None:
+        config_lib.save_config(cfg, Path(cfg.train.workdir) / "config.yaml")
+
+    job = Job(group.run.cfg, [group], "sae-jax train", write_plan, lambda g, members: single_group(
+        prepare(members[0].cfg)))
+    return run_job(job, fresh)[group.members[0].name]
+
+
+# --------------------------------------------------------------------------- the driver
+def run_job(job: Job, fresh: bool = False) -> dict[str, dict]:
+    """Train every member of ``job``; {member name: the summary written to its summary.json}.
+
+    Resumes from the newest good checkpoint of the job unless ``fresh`` (which deletes them); on
+    SIGTERM/SIGINT it saves a checkpoint and raises ``checkpoint.Preempted``. Process 0 holds the work
+    directory's lock (``.lock`` + ``job.part``) throughout, so a second writer is refused.
+    """
+    workdir = make_workdir(job.cfg.train.workdir)
+    with lock.hold(workdir, job.command, lock.LOCK_FILE + job.part):
+        return _run_job(job, fresh)
+
+
+def _run_job(job: Job, fresh: bool) -> dict[str, dict]:
+    first = job.groups[0].run
+    ckpts = checkpoint.Checkpoints(job.checkpoint_dir(), job.cfg.checkpoint.every, job.cfg.checkpoint.keep,
+                                   sharding.replicated(first.mesh), fresh=fresh)
 
     # --- state, step, data: from the newest good checkpoint, or fresh
-    start = checkpoint.restore_or_init(ckpts, lambda: init_train_state(run), abstract_train_state(run), cfg,
-                                       run.store.identity)
-    if start.config != cfg:  # a resumed run keeps step-derived schedule lengths
-        run = prepare(start.config)
-        cfg = run.cfg
+    start = checkpoint.restore_or_init(ckpts, lambda: job.tree([g.init() for g in job.groups]),
+                                       job.tree([g.abstract for g in job.groups]), job.cfg, first.store.identity,
+                                       check=functools.partial(reconcile, job=job))
+    if start.resumed:  # a resumed run keeps step-derived schedule lengths
+        job = resumed(job, *start.config)
+    for g, state in zip(job.groups, job.untree(start.state), strict=True):
+        g.state = state
     if is_main():
-        config_lib.save_config(cfg, workdir / "config.yaml")
-    state = start.state
-    train_step = compile_step(run, state)
-    loader = make_loader(run)
-    batch_sharding = sharding.batch_sharding(run.mesh)
-    replicated = sharding.replicated(run.mesh)
+        job.write_plan(job.cfg, job.groups)
+    loader = make_loader(job.groups[0].run)
     if start.resumed:
         loader.set_state(start.data_state)
-        report_resume(run, start, ckpts, workdir / "metrics.jsonl")
+        report_resume(job, start, ckpts)
 
-    # --- the loop (a checkpoint every checkpoint.every steps, at the end, and on preemption)
-    log = MetricsLog(workdir / "metrics.jsonl", cfg.train, enabled=is_main(), start_step=start.step)
+    # --- the loop (a checkpoint every checkpoint.every steps, at the end, and on preemption), then the outputs
+    log = outputs.JobLog(job.members, job.cfg.train.steps, start.step, job.cfg.train.progress,
+                         desc=job.command.split()[-1])
     preemption = checkpoint.PreemptionWatch()
-    t_start = time.perf_counter()
     try:
-        for step in range(start.step, cfg.train.steps):
-            x = pipeline.to_global(next(loader), batch_sharding)
-            state, step_metrics = train_step(state, x)
-            done = step + 1
-            log.maybe_write(done, step_metrics, tokens=done * cfg.train.batch_size, check=ckpts)
-            if preemption.reached(done):
-                save_checked(ckpts, done, state, checkpoint_meta(run, loader, done), replicated)
-                ckpts.wait()
-                raise checkpoint.Preempted(done, ckpts.directory)
-            if ckpts.due(done, cfg.train.steps):
-                save_checked(ckpts, done, state, checkpoint_meta(run, loader, done), replicated)
-        ckpts.wait()
-        jax.block_until_ready(state)
-        wall = time.perf_counter() - t_start
-
-        # --- outputs: folded parameters and the held-out evaluation (a signal now stops before the next part)
-        steps = int(state.step)
-        check_finite(state, replicated, steps, ckpts)
-        preemption.stop_if_signalled(steps, ckpts.directory, "before writing sae/")
-        model = save_trained(run, state, workdir)
-        preemption.stop_if_signalled(steps, ckpts.directory, "after writing sae/, before the held-out evaluation")
-        summary = final_summary(run, model, wall, steps, loader, resumed_from=start.step)
-        check_finite_values(summary, steps, ckpts, "the held-out evaluation")
-        preemption.stop_if_signalled(steps, ckpts.directory, "before writing summary.json")
+        wall = train_steps(job, loader, ckpts, log, preemption, start.step)
+        summaries = {}
+        for g in job.groups:
+            for i in range(len(g.members)):
+                summaries[g.members[i].name] = finish_member(job, g, i, wall, loader, ckpts, preemption, start.step)
     finally:
         preemption.close()
         log.close()
         ckpts.close()
-    if is_main():  # written whole, then renamed: a summary.json is never a partial one
-        tmp = workdir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(workdir / "summary.json")
+        loader.close()
+    if job.finish is not None and is_main():
+        job.finish(job.cfg)
+    diverged = [name for name, s in summaries.items() if s.get("diverged")]
+    if diverged:
+        raise NonFiniteError(f"sweep member(s) {', '.join(diverged)} produced NaN or Inf parameters by step "
+                             f"{job.cfg.train.steps}, so they have no sae/ or summary.json (the other members were "
+                             "written and reported); lower their optim.lr or set optim.grad_clip, then run them "
+                             "again (--fresh starts over).")
+    return summaries
+
+
+def train_steps(job: Job, loader, ckpts: checkpoint.Checkpoints, log: outputs.JobLog,
+                preemption: checkpoint.PreemptionWatch, start: int) -> float:
+    """Step every group on each global batch from step ``start`` to ``train.steps``; the wall time."""
+    tcfg = job.cfg.train
+    batch_sharding = sharding.batch_sharding(job.groups[0].run.mesh)
+    t_start = time.perf_counter()
+    for step in range(start, tcfg.steps):
+        x = pipeline.to_global(next(loader), batch_sharding)
+        done = step + 1
+        for g in job.groups:
+            g.state, step_metrics = g.step(g.state, x)
+            if done % tcfg.log_every == 0 or done == tcfg.steps:
+                log_metrics(job, g, log, done, step_metrics, ckpts)
+        if preemption.reached(done):
+            save(job, ckpts, done, loader)
+            ckpts.wait()
+            raise checkpoint.Preempted(done, ckpts.directory)
+        if ckpts.due(done, tcfg.steps):
+            save(job, ckpts, done, loader)
+    ckpts.wait()
+    jax.block_until_ready([g.state for g in job.groups])
+    return time.perf_counter() - t_start
+
+
+def log_metrics(job: Job, group: Group, log: outputs.JobLog, step: int, step_metrics: dict,
+                ckpts: checkpoint.Checkpoints) -> None:
+    """The group's metrics.jsonl lines (one device_get); a single run stops at a NaN or Inf metric."""
+    rows = list(zip(group.members, group.member_values(jax.device_get(step_metrics)), strict=True))
+    if not job.sweep:
+        check_finite_values(rows[0][1], step, ckpts, "the logged metrics")
+    log.write(step, rows)
+
+
+def save(job: Job, ckpts: checkpoint.Checkpoints, step: int, loader) -> None:
+    """Save the job's checkpoint of ``step``; a single run's only if finite (else NonFiniteError: the last
+    good one stays)."""
+    tree = job.tree([g.state for g in job.groups])
+    if not job.sweep:
+        check_finite(tree, ckpts.replicated, step, ckpts)
+    ckpts.save(step, tree, job_meta(job, loader, step))
+
+
+def finish_member(job: Job, group: Group, i: int, wall: float, loader, ckpts: checkpoint.Checkpoints,
+                  preemption: checkpoint.PreemptionWatch, resumed_from: int) -> dict:
+    """Member i's sae/ and summary.json (a signal now stops before the next part); {'diverged': True} for
+    a sweep member holding NaN or Inf (no sae/ or summary.json claims a result)."""
+    m = group.members[i]
+    run, workdir, state = dataclasses.replace(group.run, cfg=m.cfg), Path(m.cfg.train.workdir), group.member_state(i)
+    steps = int(state.step)
+    if not is_finite(state, ckpts.replicated):
+        if job.sweep:
+            return {"diverged": True}
+        raise nonfinite_error(steps, ckpts, "the parameters")
+    preemption.stop_if_signalled(steps, ckpts.directory, "before writing sae/")
+    model = outputs.save_trained(run, state, workdir)
+    preemption.stop_if_signalled(steps, ckpts.directory, "after writing sae/, before the held-out evaluation")
+    summary = outputs.final_summary(run, model, wall, steps, loader, resumed_from=resumed_from)
+    if not job.sweep:
+        check_finite_values(summary, steps, ckpts, "the held-out evaluation")
+    preemption.stop_if_signalled(steps, ckpts.directory, "before writing summary.json")
+    if is_main():
+        outputs.write_summary(workdir, summary)
     return summary
 
 
-def save_checked(ckpts: checkpoint.Checkpoints, step: int, state: TrainState, meta: dict, replicated) -> None:
-    """Save a checkpoint of ``state`` unless it holds NaN or Inf (then NonFiniteError: the last good one stays)."""
-    check_finite(state, replicated, step, ckpts)
-    ckpts.save(step, state, meta)
-
-
-def check_finite(state: TrainState, replicated, step: int, ckpts: checkpoint.Checkpoints) -> None:
+# --------------------------------------------------------------------------- non-finite values
+def check_finite(state: Any, replicated, step: int, ckpts: checkpoint.Checkpoints) -> None:
     """NonFiniteError naming the step and the last good checkpoint if the state holds NaN or Inf."""
     if not is_finite(state, replicated):
         raise nonfinite_error(step, ckpts, "the parameters")
@@ -267,99 +445,62 @@ def nonfinite_error(step: int, ckpts: checkpoint.Checkpoints, what: str) -> NonF
                           "starts over).")
 
 
+# --------------------------------------------------------------------------- checkpoints
 def checkpoint_meta(run: Run, loader: pipeline.ActivationLoader, step: int) -> dict:
-    """The JSON part of a checkpoint: data-iterator state, resolved config, normalization, store."""
+    """The JSON part of a run's checkpoint: data-iterator state, resolved config, normalization, store."""
     return {"data": loader.get_state(), "config": config_lib.to_dict(run.cfg), "scale": run.scale,
             "store": run.store.identity, "tokens": step * run.cfg.train.batch_size}
 
 
-def report_resume(run: Run, start: checkpoint.Restored, ckpts: checkpoint.Checkpoints, log_path: Path) -> None:
-    """Say where the run resumes; cut metrics.jsonl back to the restored step (a killed run wrote past it)."""
+def job_meta(job: Job, loader: pipeline.ActivationLoader, step: int) -> dict:
+    """``checkpoint_meta`` with the job's config; a sweep adds each group's members and each member's resolved
+    config (so a resume can check and keep them)."""
+    meta = checkpoint_meta(dataclasses.replace(job.groups[0].run, cfg=job.cfg), loader, step)
+    if job.sweep:
+        meta |= {"groups": {g.key: [m.name for m in g.members] for g in job.groups},
+                 "members": {m.name: config_lib.to_dict(m.cfg) for m in job.members}}
+    return meta
+
+
+def reconcile(meta: dict, cfg: Config, store_identity: str, step: int, job: Job
+              ) -> tuple[tuple[Config, dict[str, Config]], list[str]]:
+    """((the job's config, {member: config}) to resume with, accepted changes); ConfigError if refused.
+
+    ``checkpoint.reconcile`` on the job's config and, for a sweep, then on each member's, so a member keeps
+    its saved step-derived warmups when only ``train.steps`` changed, as a single run does. A different set
+    of groups or members (another grid) is refused before any array is read."""
+    new_cfg, changes = checkpoint.reconcile(meta, cfg, store_identity, step)
+    if not job.sweep:
+        return (new_cfg, {job.members[0].name: new_cfg}), changes
+    saved, now = meta.get("groups"), {g.key: [m.name for m in g.members] for g in job.groups}
+    if saved != now:
+        raise ConfigError(f"config key 'sweep.grid' gives the groups {now} but the checkpoint of step {step} holds "
+                          f"{saved}; restore the old grid, or pass --fresh to start over.")
+    configs = {}
+    for m in job.members:
+        try:
+            configs[m.name], member_changes = checkpoint.reconcile(
+                dict(meta, config=meta["members"][m.name]), m.cfg, store_identity, step)
+        except ConfigError as e:
+            raise ConfigError(f"sweep member '{m.name}': {e}") from None
+        changes += [f"{c} (member {m.name})" for c in member_changes if c not in changes]
+    return (new_cfg, configs), changes
+
+
+def resumed(job: Job, cfg: Config, configs: dict[str, Config]) -> Job:
+    """The job with the config a resume runs with, each group built again if the resume changed a member's."""
+    groups = [g if all(configs[m.name] == m.cfg for m in g.members) else
+              job.rebuild(g, [dataclasses.replace(m, cfg=configs[m.name]) for m in g.members]) for g in job.groups]
+    return dataclasses.replace(job, cfg=cfg, groups=groups)
+
+
+def report_resume(job: Job, start: checkpoint.Restored, ckpts: checkpoint.Checkpoints) -> None:
+    """Say where the job resumes; cut each member's metrics.jsonl back to the restored step."""
     if not is_main():
         return
-    tokens = start.step * run.cfg.train.batch_size
+    tokens = start.step * job.cfg.train.batch_size
     print(f"resuming from step {start.step} ({tokens:,} tokens) of {ckpts.directory}", flush=True)
     for change in start.changes:
         print(f"  accepted config change {change}", flush=True)
-    if log_path.is_file():
-        rows = []
-        for line in log_path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if row.get("step", 0) <= start.step:
-                rows.append(line + "\n")
-        log_path.write_text("".join(rows))
-
-
-def save_trained(run: Run, state: TrainState, workdir: Path) -> api.TrainedSAE:
-    """Fold the normalization into the parameters and write them to ``workdir/sae``."""
-    host = jax.device_get(jax.tree.map(lambda a: a, state))
-    params, stats = run.sae.fold_scale(host.params, host.stats, run.scale)
-    meta = {"store": run.store.identity, "norm_scale": run.scale, "steps": int(host.step)}
-    if is_main():
-        try:
-            api.save(workdir / api.SAE_DIR, run.sae, params, stats, meta)
-        except api.SaveError as e:
-            raise api.SaveError(e.folder, e.reason, SAVE_FIX) from e
-    return api.TrainedSAE(run.sae, params, stats, meta)
-
-
-def final_summary(run: Run, model: api.TrainedSAE, wall: float, steps: int, loader, resumed_from: int = 0) -> dict:
-    """Held-out metrics (and MMCS against ground truth when the store has it); the speed counts only
-    the steps of this session (after ``resumed_from``)."""
-    c = run.cfg
-    batches = pipeline.iter_eval(run.store, batch_size=c.train.batch_size, split="holdout",
-                                 max_tokens=c.train.eval_tokens or None, holdout_fraction=c.data.holdout_fraction,
-                                 site=c.data.site or None)
-    result = evaluate(model, batches, run.ground_truth)
-    tokens = steps * c.train.batch_size
-    result |= {"steps": steps, "train_tokens": tokens, "train_seconds": wall,
-               "train_tokens_per_s": (steps - resumed_from) * c.train.batch_size / max(wall, 1e-9),
-               "resumed_from_step": resumed_from, "architecture": c.model.architecture,
-               "d_sae": c.model.d_sae, "skipped_rows": loader.skipped_rows}
-    return result
-
-
-class MetricsLog:
-    """metrics.jsonl lines and the progress bar (process 0 only)."""
-
-    def __init__(self, path: Path, tcfg: config_lib.TrainConfig, enabled: bool, start_step: int = 0):
-        self.path, self.every, self.enabled = path, tcfg.log_every, enabled
-        self.batch, self.total = tcfg.batch_size, tcfg.steps
-        # A fresh run starts the log over; a resumed one (start_step > 0) continues it.
-        self.file = open(path, "a" if start_step else "w") if enabled else None  # noqa: SIM115 - closed in close()
-        self.bar = _progress(tcfg.steps, start_step) if enabled and tcfg.progress else None
-        self.last_step, self.last_time = start_step, time.perf_counter()
-
-    def maybe_write(self, step: int, step_metrics: dict, tokens: int, check: checkpoint.Checkpoints | None = None
-                    ) -> None:
-        """Log the step's metrics at logging steps; with ``check``, a NaN or Inf metric stops the run
-        (NonFiniteError naming the last good checkpoint)."""
-        if step % self.every and step != self.total:
-            return
-        values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        if check is not None:
-            check_finite_values(values, step, check, "the logged metrics")
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        rate = (step - self.last_step) * self.batch / max(now - self.last_time, 1e-9)
-        self.last_step, self.last_time = step, now
-        row = {"step": step, "tokens": tokens, **values, "tokens_per_s": rate}
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(tok_s=f"{rate:,.0f}", l0=f"{values['l0']:.1f}", fvu=f"{values['fvu']:.3f}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.file is not None:
-            self.file.close()
-
-
-def _progress(total: int, start: int):
-    return progress.bar(total, start, desc="train")
+    for m in job.members:
+        outputs.cut_log(Path(m.cfg.train.workdir) / "metrics.jsonl", start.step)

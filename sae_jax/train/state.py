@@ -6,7 +6,6 @@ import functools
 from typing import Any
 
 import jax
-import numpy as np
 import optax
 from flax import struct
 
@@ -60,10 +59,6 @@ def _all_finite(tree: Any) -> jax.Array:
     return jax.numpy.stack([jax.numpy.isfinite(x).all() for x in _floats(tree)]).all()
 
 
-def _finite_members(tree: Any) -> jax.Array:
-    return jax.numpy.stack([jax.numpy.isfinite(x).reshape(x.shape[0], -1).all(axis=1) for x in _floats(tree)]).all(0)
-
-
 @functools.cache
 def _jitted(fn, replicated: jax.sharding.Sharding | None):
     return jax.jit(fn, out_shardings=replicated)
@@ -73,8 +68,3 @@ def is_finite(tree: Any, replicated: jax.sharding.Sharding | None = None) -> boo
     """Whether every float in ``tree`` (a state, metrics) is finite: one fused reduction on the devices,
     the answer replicated so that every process of a job reads it."""
     return bool(_jitted(_all_finite, replicated)(tree))
-
-
-def finite_members(tree: Any, replicated: jax.sharding.Sharding | None = None) -> np.ndarray:
-    """bool [n]: whether every float of member i of a stacked tree (leading sweep axis n) is finite."""
-    return np.asarray(_jitted(_finite_members, replicated)(tree))
