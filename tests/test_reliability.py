@@ -249,3 +249,17 @@ def test_extending_a_decayed_run_rewarms_instead_of_jumping_and_resumes_bit_iden
     loop.train(config_lib.load_config("configs/demo.yaml", args(store, again, *base)[2:] + ["train.steps=120"]))
     a, b = sae_tensors(workdir), sae_tensors(again)
     assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_extending_a_sweep_resumes_its_members(store, tmp_path):
+    # The sweep's own config is unresolved (recipe fields None); only its members re-warm.
+    workdir = tmp_path / "sweep"
+    base = [f"data.store={store.path}", f"train.workdir={workdir}", "model.d_sae=32", "train.batch_size=256",
+            "train.progress=false", "train.eval_tokens=1024", "optim.decay=linear", "checkpoint.every=20",
+            "sweep.sparsity.coefficient=[0.05,0.1]"]
+    assert cli("sweep", "configs/demo.yaml", *base, "train.steps=20").returncode == 0
+    done = cli("sweep", "configs/demo.yaml", *base, "train.steps=40")
+    assert done.returncode == 0 and "resuming from step 20" in done.stdout, done.stderr
+    assert "re-warms" in done.stdout
+    for member in (workdir / "members").iterdir():
+        assert json.loads((member / "summary.json").read_text())["steps"] == 40
