@@ -33,7 +33,7 @@ from pathlib import Path
 
 from sae_jax import config as config_lib
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+_UNITS = {"b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
           "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
@@ -46,11 +46,14 @@ def parse_mesh(text: str) -> tuple[int, int]:
 
 
 def parse_bytes(text: str) -> int:
-    """'16GiB', '80GB', '512MiB' or a plain number of bytes -> bytes."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
+    """'16GiB', '80GB', '512MiB' (or '4096B' for bytes) -> bytes; a number without a unit is refused."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*", text)
     unit = match[2].lower() if match else None
-    if not match or unit not in _UNITS:
-        raise ValueError(f"--device-memory '{text}' must be a size such as 16GiB, 80GB or 512MiB.")
+    if match and not unit:
+        raise ValueError(f"--device-memory '{text}' has no unit; write e.g. {match[1]}GiB or {match[1]}GB "
+                         f"({match[1]}B for bytes).")
+    if not match or unit not in _UNITS or float(match[1]) <= 0:
+        raise ValueError(f"--device-memory '{text}' must be a positive size such as 16GiB, 80GB or 512MiB.")
     return int(float(match[1]) * _UNITS[unit])
 
 
