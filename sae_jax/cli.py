@@ -30,10 +30,11 @@ Every config field is documented in sae_jax/config.py; see README.md."""
 
 def _cmd_train(args) -> int:
     from sae_jax import config as config_lib
-    from sae_jax.train.loop import train
 
     fresh = args.fresh or "--fresh" in args.overrides  # also accepted after the config file
     cfg = config_lib.load_config(args.config, [o for o in args.overrides if o != "--fresh"])
+    from sae_jax.train.loop import train  # after the config: a bad one is refused without importing jax
+
     summary = train(cfg, fresh=fresh)
     import jax
 
@@ -73,15 +74,16 @@ def _cmd_compile_check(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    import jax
-
     from sae_jax import config as config_lib
-    from sae_jax import report
-    from sae_jax.sweep import sweep
 
     # Unresolved: each member takes its own architecture's recipe defaults.
     fresh = args.fresh or "--fresh" in args.overrides  # also accepted after the config file
     cfg = config_lib.load_config(args.config, [o for o in args.overrides if o != "--fresh"], resolve_recipe=False)
+    import jax  # after the config: a bad one is refused without importing jax
+
+    from sae_jax import report
+    from sae_jax.sweep import sweep
+
     summaries = sweep(cfg, fresh=fresh)
     out = Path(cfg.train.workdir)
     if jax.process_index() != 0:  # process 0 writes the report; the others need not wait for it
