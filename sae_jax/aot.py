@@ -53,8 +53,8 @@ def parse_bytes(text: str) -> int:
     if match and not unit:
         raise ValueError(f"--device-memory '{text}' has no unit; write it with one, e.g. {match[1]}GiB, "
                          f"{match[1]}GB or {match[1]}B.")
-    if not match or unit not in _UNITS:
-        raise ValueError(f"--device-memory '{text}' must be a size such as 16GiB, 80GB or 512MiB.")
+    if not match or unit not in _UNITS or float(match[1]) <= 0:
+        raise ValueError(f"--device-memory '{text}' must be a positive size such as 16GiB, 80GB or 512MiB.")
     return int(float(match[1]) * _UNITS[unit])
 
 

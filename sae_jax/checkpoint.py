@@ -253,6 +253,12 @@ class Checkpoints:
     def __init__(self, directory: Path, every: int, keep: int, replicated: jax.sharding.Sharding | None = None,
                  fresh: bool = False):
         self.directory = Path(directory).absolute()
+        for place in (self.directory, *self.directory.parents):  # a file on the way fails only at the first save
+            if place.exists() and not place.is_dir():
+                raise config_lib.ConfigError(f"the checkpoint directory '{directory}' is (or lies under) the file "
+                                             f"'{place}'; set config key 'checkpoint.dir' to a directory.")
+            if place.exists():
+                break
         self.every = every
         self.replicated = replicated or jax.sharding.NamedSharding(
             jax.sharding.Mesh(np.asarray(jax.devices()), ("all",)), jax.sharding.PartitionSpec())

@@ -39,10 +39,11 @@ def _pop_flags(args, *names: str) -> list[str]:
 
 def _cmd_train(args) -> int:
     from sae_jax import config as config_lib
-    from sae_jax.train.loop import train
 
     overrides = _pop_flags(args, "--fresh", "--print-config")
     cfg = config_lib.load_config(args.config, overrides)
+    from sae_jax.train.loop import train  # after the config: a bad one is refused without importing jax
+
     if args.print_config:
         print(_config_yaml(_with_store_d_model(cfg)), end="")
         return 0
@@ -86,8 +87,6 @@ def _cmd_compile_check(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    import jax
-
     from sae_jax import config as config_lib
     from sae_jax import report
     from sae_jax import sweep as sweep_lib
@@ -109,6 +108,8 @@ def _cmd_sweep(args) -> int:
     _start_banner("sweep", cfg, chosen, f"{len(chosen)} of {sum(map(len, groups))} members in "
                   f"{len(groups) if cfg.sweep.group == -1 else 1} of {len(groups)} groups")
     summaries = sweep(cfg, fresh=args.fresh)
+    import jax
+
     out = Path(cfg.train.workdir)
     if jax.process_index() != 0:  # process 0 writes the report; the others need not wait for it
         return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -333,10 +334,25 @@ def validate(cfg: Config) -> None:
         v = get_path(cfg, key)
         if v is not None:
             _check(0.0 <= v < 1.0, key, "in [0, 1)", v)
-    for key in ("model.jumprelu_eps", "model.jumprelu_theta_init"):
+    for key in ("model.jumprelu_eps", "model.jumprelu_theta_init", "model.init_decoder_norm"):
         v = get_path(cfg, key)
         if v is not None:
             _check(v > 0, key, "positive", v)
+    for key in ("model.aux_coefficient", "optim.grad_clip", "sparsity.warmup_steps", "optim.warmup_steps",
+                "optim.rewarm_step", "optim.rewarm_from"):
+        v = get_path(cfg, key)
+        if v is not None:
+            _check(v >= 0, key, "non-negative", v)
+    if m.k_aux is not None:
+        _check(m.k_aux > 0, "model.k_aux", "a positive integer", m.k_aux)
+    if m.threshold_momentum is not None:
+        _check(0.0 <= m.threshold_momentum < 1.0, "model.threshold_momentum", "in [0, 1)", m.threshold_momentum)
+    _check(0.0 < cfg.optim.decay_fraction <= 1.0, "optim.decay_fraction", "in (0, 1]", cfg.optim.decay_fraction)
+    _check(t.dead_tokens > 0, "train.dead_tokens", "a positive integer", t.dead_tokens)
+    _check(cfg.distributed.num_processes >= 0, "distributed.num_processes", "0 (autodetect) or a positive integer",
+           cfg.distributed.num_processes)
+    _check(cfg.distributed.process_id >= -1, "distributed.process_id", "-1 (autodetect) or a process index",
+           cfg.distributed.process_id)
     if cfg.sparsity.penalty is not None and m.architecture in _ARCH_PENALTIES:
         ok = _ARCH_PENALTIES[m.architecture]
         _check(cfg.sparsity.penalty in ok, "sparsity.penalty", f"one of {', '.join(ok)} for architecture "
@@ -396,10 +412,15 @@ def _coerce(key: str, typ, value: Any) -> Any:
             if number is not None and number.is_integer():
                 return int(number)
     elif typ is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _as_float(value) is not None:
-            return _as_float(value)
+            number = float(value)
+        elif isinstance(value, str):
+            number = _as_float(value)
+        if number is not None and not math.isfinite(number):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}.")
+        if number is not None:
+            return number
     elif typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -483,7 +504,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file '{path}' does not exist; pass the path of a YAML file such as "
                           "configs/demo.yaml.")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{path}' is not valid YAML{_yaml_where(e)}: {_yaml_problem(e)}; fix that "
                           "line.") from None
@@ -492,6 +513,21 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(tree, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(tree).__name__}.")
     return tree
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice in one section; "
+                                                        "keep one", key_node.start_mark)
+            if isinstance(key, typing.Hashable):
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _yaml_where(e: yaml.YAMLError) -> str:

@@ -489,6 +489,11 @@ def iter_eval(store: Store, *, batch_size: int, split: str = "holdout", max_toke
     """
     if nonfinite not in NONFINITE:
         raise ValueError(f"data.nonfinite='{nonfinite}' must be one of {NONFINITE}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"the evaluation batch size (--batch-size) must be a positive integer, got {batch_size!r}.")
+    if max_tokens is not None and max_tokens <= 0:
+        raise ValueError(f"--max-tokens (max_tokens) must be a positive number of tokens, got {max_tokens!r}; "
+                         "leave it out to evaluate every token.")
     site = store.site_name(site)
     lo, hi = _split(store, split, holdout_fraction)
     hi = hi if max_tokens is None else min(hi, lo + max_tokens)

@@ -151,8 +151,9 @@ def _open_array(path: Path, context: ts.Context | None = None) -> ts.TensorStore
     try:
         return ts.open(spec, open=True, read=True, context=context or _read_context()).result()
     except ValueError as e:
-        raise StoreError(f"{path}/zarr.json: cannot open the array ({e}); the store is damaged, re-create it.") \
-            from None
+        reason = " ".join(str(e).split(" [tensorstore_spec=")[0].split())  # the spec is long and says nothing new
+        raise StoreError(f"{path}/zarr.json: cannot open the array ({reason}); the store is damaged, "
+                         "re-create it.") from None
 
 
 def _read_context() -> ts.Context:
@@ -201,7 +202,7 @@ def create_store(path, *, d_model: int, dtype: str = "float32", sites: Sequence[
     with no partial store it starts afresh. ``overwrite=True`` deletes a partial store and
     starts afresh; a finalized store at ``path`` is replaced only when the new one is finalized.
     """
-    path = Path(path)
+    path = _store_path(path)
     partial = path.with_name(path.name + PARTIAL_SUFFIX)
     if resume and overwrite:
         raise StoreError(f"{path}: pass --resume or --overwrite (resume=True or overwrite=True), not both.")
@@ -219,6 +220,14 @@ def create_store(path, *, d_model: int, dtype: str = "float32", sites: Sequence[
                                                                rows_per_shard))
     writer.replaces = replaces
     return writer
+
+
+def _store_path(path) -> Path:
+    """``path`` as a Path with a name (so ``NAME.partial`` beside it exists); StoreError if it is empty."""
+    if not str(path).strip():
+        raise StoreError("the store path is empty; pass a store directory, e.g. runs/synth.")
+    path = Path(path)
+    return path if path.name else path.absolute()
 
 
 def _check_target(path: Path, may_replace: bool) -> bool:
@@ -470,8 +479,11 @@ def _sample_starts(n: int, max_rows: int, block_rows: int) -> np.ndarray:
 
 def open_store(path) -> Store:
     """Open a finalized store; StoreError if it is missing, unfinalized or its metadata is damaged."""
-    path = Path(path)
+    path = _store_path(path)
     meta_path = path / METADATA_FILE
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path}: is a file, not an activation store (a directory with {METADATA_FILE}); pass a "
+                         "store directory made by `sae-jax synth`, `sae-jax store import` or `sae-jax harvest`.")
     if not meta_path.exists():
         partial = path.with_name(path.name + PARTIAL_SUFFIX)
         if (path / PROGRESS_FILE).exists() or partial.exists():
@@ -493,13 +505,39 @@ def _check_metadata(meta_path: Path, meta: dict) -> dict:
     if meta["format"] != FORMAT or meta["format_version"] != FORMAT_VERSION:
         raise StoreError(f"{meta_path}: format {meta['format']!r} version {meta['format_version']} is not "
                          f"{FORMAT!r} version {FORMAT_VERSION}; re-create the store with this version.")
+
+    def bad(key: str, expected: str, got, shown: str | None = None) -> StoreError:
+        got = shown or repr(got)
+        return StoreError(f"{meta_path}: field '{key}' must be {expected}, got {got}; the store is damaged, "
+                          "re-create it.")
+
+    for key in ("d_model", "n_tokens", "rows_per_chunk", "rows_per_shard"):
+        if not _is_int(meta[key]) or meta[key] <= 0:
+            raise bad(key, "a positive integer", meta[key])
+    if meta["rows_per_shard"] % meta["rows_per_chunk"]:
+        raise bad("rows_per_shard", f"a multiple of rows_per_chunk ({meta['rows_per_chunk']})",
+                  meta["rows_per_shard"])
+    if not isinstance(meta["dtype"], str):
+        raise bad("dtype", "float32 or bfloat16", meta["dtype"])
     canonical_dtype(meta["dtype"], where=f"{meta_path}: field 'dtype'")
+    if not isinstance(meta["sites"], dict) or not meta["sites"]:
+        raise bad("sites", "a mapping of site names to their checksums and norm scalar", meta["sites"])
+    n_shards = math.ceil(meta["n_tokens"] / meta["rows_per_shard"])
     for s, site in meta["sites"].items():
-        n_shards = math.ceil(meta["n_tokens"] / meta["rows_per_shard"])
-        if len(site.get("checksums", [])) != n_shards or "norm_scalar" not in site:
-            raise StoreError(f"{meta_path}: site '{s}' lacks its norm scalar or one checksum per shard "
-                             f"({n_shards}); the store is damaged, re-create it.")
+        checksums = site.get("checksums") if isinstance(site, dict) else None
+        if not isinstance(checksums, list) or len(checksums) != n_shards or not all(
+                isinstance(c, str) for c in checksums):
+            shown = f"a list of {len(checksums)}" if isinstance(checksums, list) else None
+            raise bad(f"sites.{s}.checksums", f"a list of {n_shards} checksum string(s), one per shard",
+                      checksums if isinstance(site, dict) else site, shown)
+        norm = site.get("norm_scalar")
+        if isinstance(norm, bool) or not isinstance(norm, (int, float)):
+            raise bad(f"sites.{s}.norm_scalar", "a number", norm)
     return meta
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class Store:
@@ -729,6 +767,8 @@ def _append_inputs(writer: StoreWriter, loaded: list[dict[str, np.ndarray]], d_m
 
 def _load_raw(file: Path, site: str) -> dict[str, np.ndarray]:
     """{site: array} memory-mapped from a .npy or .safetensors file, dtype checked."""
+    if file.is_dir():
+        raise StoreError(f"{file}: is a directory; pass the .npy or .safetensors files in it.")
     if not file.is_file():
         raise StoreError(f"{file}: no such file.")
     try:

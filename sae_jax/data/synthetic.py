@@ -11,6 +11,7 @@ MMCS is measured against.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,28 @@ def _model(rng: np.random.Generator, spec: SynthSpec):
     return g, mean, feature_probs(spec.n_features, spec.l0, spec.alpha)
 
 
+def check_spec(spec: SynthSpec) -> None:
+    """ValueError naming the flag (and SynthSpec field) of the first impossible setting."""
+    def positive_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    for flag, value in (("--d-model", spec.d_model), ("--n-tokens", spec.n_tokens)):
+        if not positive_int(value):
+            raise ValueError(f"{flag} must be a positive integer, got {value!r}.")
+    if not positive_int(spec.n_features) or spec.n_features <= spec.d_model:
+        raise ValueError(f"--n-features ({spec.n_features}) must exceed --d-model ({spec.d_model}) "
+                         "for features in superposition.")
+    if not isinstance(spec.seed, int) or isinstance(spec.seed, bool) or spec.seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {spec.seed!r}.")
+    if not isinstance(spec.l0, (int, float)) or not 0 < spec.l0 <= spec.n_features:
+        raise ValueError(f"--l0 (active true features per token) must be in (0, --n-features = {spec.n_features}], "
+                         f"got {spec.l0!r}.")
+    for name, value, low in (("alpha", spec.alpha, None), ("noise", spec.noise, 0.0), ("offset", spec.offset, 0.0)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or (low is not None and value < low):
+            raise ValueError(f"SynthSpec.{name} must be a finite{' non-negative' if low is not None else ''} number, "
+                             f"got {value!r}.")
+
+
 def write_synthetic(out: str | Path, spec: SynthSpec, *, resume: bool = False,
                     overwrite: bool = False) -> store_lib.Store:
     """Write a finalized activation store with ``ground_truth.npy`` beside the arrays.
@@ -91,9 +114,7 @@ def write_synthetic(out: str | Path, spec: SynthSpec, *, resume: bool = False,
     ``resume=True`` continues an interrupted write of the same spec after its durable rows
     (the rows are the same as an uninterrupted write's); ``overwrite=True`` starts over.
     """
-    if spec.n_features <= spec.d_model:
-        raise ValueError(f"--n-features ({spec.n_features}) must exceed --d-model ({spec.d_model}) "
-                         "for features in superposition.")
+    check_spec(spec)
     source = {"model": "synthetic", "hook": "synthetic", "dataset": "sae_jax.data.synthetic",
               "context_size": 0, "synthetic": dataclasses.asdict(spec)}
     writer = store_lib.create_store(out, d_model=spec.d_model, dtype=spec.dtype, source=source, resume=resume,
