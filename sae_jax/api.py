@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from sae_jax.config import ConfigError
+from sae_jax.data.store import fsync
 from sae_jax.models.sae import REGISTRY, SAE, Params, Stats
 
 SAE_DIR = "sae"
@@ -167,7 +168,7 @@ def _write_folder(folder: Path, sae: SAE, params: Params, stats: Stats, meta: di
            "weights_sha256": sha256_file(folder / WEIGHTS)}
     (folder / SPEC).write_text(json.dumps(doc, indent=2))
     for path in (folder / SPEC, folder):
-        _fsync(path)
+        fsync(path)
 
 
 def _replace_dir(new: Path, folder: Path) -> None:
@@ -177,7 +178,7 @@ def _replace_dir(new: Path, folder: Path) -> None:
     if folder.exists():
         folder.rename(old)
     new.rename(folder)
-    _fsync(folder.parent)
+    fsync(folder.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -185,21 +186,13 @@ def write_safetensors(tensors: dict, path: Path) -> None:
     """``save_file``, fsynced, with the mode ``open()`` gives (0666 & ~umask; safetensors itself makes 0600)."""
     save_file(tensors, str(path))
     os.chmod(path, 0o666 & ~_umask())
-    _fsync(path)
+    fsync(path)
 
 
 def _umask() -> int:
     old = os.umask(0o077)  # for an instant; a file another thread creates then is only the more private
     os.umask(old)
     return old
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def reason(e: BaseException) -> str:

@@ -89,7 +89,8 @@ def _read_json(path: Path) -> dict:
     return obj
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """fsync a file or directory (a directory's fsync makes a rename in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -415,10 +416,10 @@ class StoreWriter:
         meta = self.layout | {"created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                               "extra": dict(extra_metadata or {})}
         _write_json(self.partial / METADATA_FILE, meta)
-        _fsync_dir(self.partial)
+        fsync(self.partial)
         old = self._clear_target()
         os.rename(self.partial, self.path)  # the commit: before it there is no store, after it a whole one
-        _fsync_dir(self.path.parent)
+        fsync(self.path.parent)
         if old is not None:
             shutil.rmtree(old)
         (self.path / PROGRESS_FILE).unlink()  # kept until now so that a crash before the rename can resume
