@@ -21,12 +21,10 @@ Medians over ``--steps`` steps after one warm-up step. Runs unchanged on CPU and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -34,15 +32,11 @@ import jax.numpy as jnp
 from sae_jax import hostmem
 from sae_jax.config import load_config, with_d_model
 from sae_jax.models import activations as act
-from sae_jax.models.sae import (
-    REGISTRY,
-    BatchTopKSAE,
-    Output,
-    TopKSAE,
-    default_matryoshka_widths,
-    make_sae,
-    normalized_mse,
-)
+from sae_jax.models import make_sae, registry
+from sae_jax.models.batchtopk import BatchTopKSAE
+from sae_jax.models.matryoshka import default_widths
+from sae_jax.models.sae import Output, abstract, normalized_mse
+from sae_jax.models.topk import TopKSAE
 from sae_jax.train import step as step_lib
 from sae_jax.train.state import init_state
 
@@ -56,26 +50,24 @@ SAELENS = {"relu": "standard", "prolu": "standard", "gated": "gated", "jumprelu"
 class DenseTopKMixin:
     """The same TopK / BatchTopK model with a dense B·m·d decoder and dense encoder backward."""
 
-    def forward(self, params, x, stats):
-        pre = self.pre_acts(params, x)
+    def forward(self, x):
+        pre = self.pre_acts(x)
         if self.batch_select:
             kept, _ = act.batch_topk_select(pre, self.k, self.latent_groups)
         else:
             values, idx = act.topk_select(pre, self.k, self.latent_groups)
             kept = act.densify(values, idx, self.d_sae)
         f = jnp.where(jax.lax.stop_gradient(kept != 0), jax.nn.relu(pre), 0.0)
-        x_hat = f @ params["W_dec"] + params["b_dec"]
+        x_hat = f @ self.W_dec[...] + self.b_dec[...]
         extras = {"min_kept": jnp.min(jnp.where(kept > 0, kept, jnp.inf))} if self.batch_select else {}
         zero = jnp.zeros(())
         return Output(x_hat, jax.lax.stop_gradient(f), normalized_mse(x, x_hat), zero, zero, extras)
 
 
-@dataclass(frozen=True)
 class DenseTopK(DenseTopKMixin, TopKSAE):
     """TopK decoded densely (the reference for the sparse speed-up)."""
 
 
-@dataclass(frozen=True)
 class DenseBatchTopK(DenseTopKMixin, BatchTopKSAE):
     """BatchTopK decoded densely."""
 
@@ -119,7 +111,7 @@ def build(arch: str, d: int, m: int, dense: bool = False):
     sae = make_sae(cfg.model, cfg.sparsity.penalty)
     if dense:
         cls = DenseBatchTopK if name == "batchtopk" else DenseTopK
-        sae = cls(**{f.name: getattr(sae, f.name) for f in dataclasses.fields(sae)})
+        sae = abstract(cls, sae.d_model, sae.d_sae, **sae.hyperparameters())
     tx = step_lib.optimizer(cfg.optim.beta1, cfg.optim.beta2, cfg.optim.grad_clip)
     state = init_state(sae, tx, jax.random.key(0), None, cfg.optim.lr, cfg.sparsity.coefficient)
     return sae, tx, state
@@ -165,7 +157,7 @@ def saelens_tokens_per_s(arch: str, b: int, d: int, m: int, steps: int) -> float
     device = "cuda" if torch.cuda.is_available() else "cpu"
     extra = {"k": 32} if name in ("topk", "batchtopk", "matryoshka_batchtopk") else {}
     if name == "matryoshka_batchtopk":
-        extra["matryoshka_widths"] = list(default_matryoshka_widths(m))
+        extra["matryoshka_widths"] = list(default_widths(m))
     sae = cls(cfg_cls(d_in=d, d_sae=m, dtype="float32", device=device, **extra))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
     x = torch.randn(b, d, device=device)
@@ -213,7 +205,7 @@ def main() -> None:
     p.add_argument("--saelens", action="store_true", help="also time SAELens's step (needs sae-lens)")
     a = p.parse_args()
     b, d, m = a.batch, a.d_model, a.d_sae
-    unknown = [x for x in a.archs.split(",") if x.split("+")[0] not in REGISTRY]
+    unknown = [x for x in a.archs.split(",") if x.split("+")[0] not in registry()]
     if unknown:
         raise SystemExit(f"--archs: unknown architecture(s) {', '.join(unknown)}; choose from {', '.join(ARCHS)}.")
     print(f"machine: {machine()}")

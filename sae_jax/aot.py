@@ -164,7 +164,7 @@ def abstract_step(cfg: config_lib.Config, devices: list) -> Compiled:
     import numpy as np
 
     from sae_jax import sharding
-    from sae_jax.models.sae import make_sae
+    from sae_jax.models import make_sae
     from sae_jax.train import loop
     from sae_jax.train import step as step_lib
     from sae_jax.train.state import init_state

@@ -11,7 +11,6 @@ parameters work on raw activations: the training normalization is folded in.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import json
@@ -29,7 +28,8 @@ from safetensors.numpy import load_file, save_file
 
 from sae_jax.config import ConfigError
 from sae_jax.data.store import fsync
-from sae_jax.models.sae import REGISTRY, SAE, Params, Stats
+from sae_jax.models import registry
+from sae_jax.models.sae import SAE, Params, Stats, abstract, is_unit_norm
 
 SAE_DIR = "sae"
 WEIGHTS = "params.safetensors"
@@ -62,8 +62,8 @@ class TrainedSAE:
     meta: dict
 
     def __post_init__(self):
-        self._encode = jax.jit(lambda p, s, x: self.sae.encode(p, x, s))
-        self._decode = jax.jit(self.sae.decode)
+        self._encode = jax.jit(lambda p, s, x: self.sae.bind(p, s).encode(x))
+        self._decode = jax.jit(lambda p, f: self.sae.bind(p).decode(f))
 
     def encode(self, x):
         """Latent code f [..., d_sae] of activations x [..., d_model]."""
@@ -79,6 +79,11 @@ class TrainedSAE:
         """decode(encode(x)), computed on device in one pass."""
         x2, lead, as_numpy = _as_rows(x, self.sae.d_model, "activations", "d_model")
         return _out(self._decode(self.params, self._encode(self.params, self.stats, x2)), lead, as_numpy)
+
+    @property
+    def module(self) -> SAE:
+        """The SAE as a Flax NNX module holding these parameters (raw-activation space), for Flax code."""
+        return self.sae.bind(self.params, self.stats)
 
     @property
     def W_dec(self) -> np.ndarray:
@@ -98,7 +103,7 @@ def _as_rows(x, width: int, what: str, name: str) -> tuple[jax.Array, tuple[int,
     if as_numpy:
         try:
             x = np.asarray(x)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, KeyError) as e:
             raise ValueError(f"{what} must be a numeric array [..., {name}]; got a {type(x).__name__} that is not "
                              f"one ({e}).") from None
     real = jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)
@@ -119,15 +124,15 @@ def _out(y: jax.Array, lead: tuple[int, ...], as_numpy: bool):
 
 def sae_spec(sae: SAE) -> dict:
     """The architecture and its static hyper-parameters, JSON-serialisable."""
-    return {"architecture": sae.name, **dataclasses.asdict(sae)}
+    return sae.spec()
 
 
 def sae_from_spec(spec: dict) -> SAE:
     """Rebuild an SAE object from ``sae_spec`` output."""
     spec = dict(spec)
-    cls = REGISTRY[spec.pop("architecture")]
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in spec.items() if k in names})
+    cls = registry()[spec.pop("architecture")]
+    names = cls.hyper_names()
+    return abstract(cls, spec.pop("d_model"), spec.pop("d_sae"), **{k: v for k, v in spec.items() if k in names})
 
 
 def save(folder: str | Path, sae: SAE, params: Params, stats: Stats, meta: dict | None = None) -> Path:
@@ -277,8 +282,8 @@ def _check_version(doc: dict, path: Path) -> None:
 
 def spec_sae(spec, path: Path, fix: str = RESAVE) -> SAE:
     """The SAE of a saved ``sae_spec`` (the "sae" object of ``path``); SAEFileError naming path if it is broken."""
-    if not isinstance(spec, dict) or spec.get("architecture") not in REGISTRY:
-        raise SAEFileError(f"'{path}' is damaged: its sae.architecture is not one of {', '.join(REGISTRY)}; {fix}.")
+    if not isinstance(spec, dict) or spec.get("architecture") not in registry():
+        raise SAEFileError(f"'{path}' is damaged: its sae.architecture is not one of {', '.join(registry())}; {fix}.")
     try:
         return sae_from_spec(spec)
     except (TypeError, ValueError) as e:
@@ -293,7 +298,7 @@ def _check_digest(doc: dict, folder: Path) -> None:
 
 
 def _check_params(sae: SAE, params: dict, path: Path) -> None:
-    want = jax.eval_shape(sae.init, jax.random.key(0))
+    want = jax.eval_shape(sae.init_params, jax.random.key(0))
     shapes = {k: tuple(v.shape) for k, v in params.items()}
     if shapes != {k: tuple(v.shape) for k, v in want.items()}:
         raise SAEFileError(f"'{path}' is damaged: its parameters {shapes} are not those of a {sae.name} SAE with "
@@ -369,7 +374,6 @@ def initial_params(path: str | Path, sae: SAE, scale: float) -> tuple[Params, St
     decoder that is not unit-norm where ``sae`` keeps it so is folded to unit norm first
     (same reconstructions). Statistics the saved SAE lacks start fresh.
     """
-    from sae_jax import export
 
     if not Path(path).exists():
         raise ConfigError(f"config key 'model.init_from' names '{path}', which does not exist; pass a work "
@@ -381,16 +385,13 @@ def initial_params(path: str | Path, sae: SAE, scale: float) -> tuple[Params, St
             key = "architecture" if name == "name" else name
             raise ConfigError(f"config key 'model.{key}' is {ours!r}, but model.init_from '{path}' holds an SAE with "
                               f"{key}={theirs!r}; set model.{key}={theirs!r} or init from another SAE.")
-    params = dict(saved.params)
-    if sae.name == "jumprelu" and saved.sae.theta_param != sae.theta_param:
-        t = params["log_threshold"]
-        params["log_threshold"] = jnp.log(t) if sae.theta_param == "log" else jnp.exp(t)
-    if sae.unit_norm_decoder and not export.is_unit_norm(np.asarray(params["W_dec"])):
-        if sae.name in ("topk", "batchtopk", "matryoshka"):
+    params = sae.adopt(saved.sae, dict(saved.params))
+    if sae.unit_norm_decoder and not is_unit_norm(np.asarray(params["W_dec"])):
+        if not sae.folds_decoder_norms:
             warnings.warn(f"model.init_from '{path}': decoder rows are not unit-norm; the first step renormalizes "
                           "them, which changes the SAE.", stacklevel=2)
         else:
-            params = export.fold_decoder_norms(sae, params)
+            params = sae.fold_decoder_norms({k: np.asarray(v) for k, v in params.items()})
     params, stats = sae.fold_scale(params, saved.stats, 1.0 / scale)
     fresh = sae.init_stats()
     stats = {k: (jnp.asarray(stats[k], v.dtype) if k in stats and jnp.shape(stats[k]) == v.shape else v)

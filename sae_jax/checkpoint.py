@@ -2,7 +2,7 @@
 
 The only module that imports orbax. A checkpoint (one orbax step directory) holds three items:
 
-- ``state``: the TrainState (step, params, opt_state, stats, rng, hparams) as sharded arrays (any
+- ``state``: the TrainState (step, params, opt_state, stats, hparams) as sharded arrays (any
   pytree of arrays: a sweep saves ``{group: stacked TrainState}``);
 - ``digest``: a position-weighted checksum per leaf of the state (orbax's array files carry no
   checksum, so a flipped byte would otherwise restore silently);
@@ -50,7 +50,8 @@ from jax.experimental import multihost_utils
 
 from sae_jax import config as config_lib
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the Flax NNX models (no TrainState.rng). 1 (older) is refused with what to do."""
 CHECKPOINT_DIR = "checkpoints"
 EXIT_PREEMPTED = 143
 """Exit status of a run stopped by SIGTERM/SIGINT after its checkpoint was saved (128 + SIGTERM)."""
@@ -464,6 +465,11 @@ def reconcile(meta: dict, cfg: config_lib.Config, store_identity: str, step: int
     widths, seed, batch size, optimizer, data order, store identity) would make the resumed run a
     different run, so it is refused.
     """
+    if meta.get("version") == 1:
+        raise config_lib.ConfigError(
+            f"the checkpoint of step {step} in {checkpoint_dir(cfg)} has checkpoint format 1 (sae_jax before its Flax "
+            f"models), and this version reads format {FORMAT_VERSION}; finish that run with the sae_jax version that "
+            "started it, or pass --fresh to start over (deleting its checkpoints).")
     if meta.get("version") != FORMAT_VERSION:
         raise CorruptCheckpoint(f"its format version is {meta.get('version')}, expected {FORMAT_VERSION}")
     if meta.get("store") != store_identity:

@@ -161,7 +161,7 @@ def _start_banner(command: str, cfg, members: list, extra: str = "") -> None:
 
     from sae_jax import sharding
     from sae_jax.data import store as store_lib
-    from sae_jax.models.sae import make_sae
+    from sae_jax.models import make_sae
 
     d = cfg.distributed
     sharding.init_distributed(d.coordinator, d.num_processes, d.process_id)  # before any backend is touched
@@ -172,11 +172,9 @@ def _start_banner(command: str, cfg, members: list, extra: str = "") -> None:
         d_model = store_lib.open_store(cfg.data.store).d_model if cfg.data.store else 0
         counts = set()
         for m in members:
-            sae = make_sae(m.model, m.sparsity.penalty, m.train.dead_tokens)
-            sae = dataclasses.replace(sae, d_model=d_model)  # the config's d_model may be 0: from the store
-            sample = jax.ShapeDtypeStruct((16, d_model), np.float32)
-            shapes = jax.eval_shape(sae.init, jax.random.key(0), sample)
-            counts.add(sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes)))
+            model = dataclasses.replace(m.model, d_model=d_model)  # the config's d_model may be 0: from the store
+            params, _ = make_sae(model, m.sparsity.penalty, m.train.dead_tokens).split()
+            counts.add(sum(int(np.prod(a.shape)) for a in params.values()))
     except Exception:  # noqa: BLE001 - the run itself reports what is wrong
         return
     devices = jax.devices()

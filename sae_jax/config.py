@@ -8,6 +8,7 @@ every explicit setting wins. This module imports nothing from the package.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import math
@@ -50,9 +51,10 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class _ModelFields:
     architecture: str = "relu"
-    """SAE architecture: one of relu, gated, jumprelu, topk, batchtopk, matryoshka, prolu."""
+    """SAE architecture: one of the names in sae_jax/models/ (relu, gated, jumprelu, topk, batchtopk,
+    matryoshka, prolu)."""
     d_model: int = 0
     """Input width; 0 = take it from the store (a non-zero value must match the store)."""
     d_sae: int = 4096
@@ -63,19 +65,6 @@ class ModelConfig:
     """AuxK: how many dead latents reconstruct the residual (topk; default d_model/2)."""
     aux_coefficient: float | None = None
     """Weight of the auxiliary loss (AuxK alpha = 1/32 for topk; 1.0 for gated's aux term)."""
-    jumprelu_eps: float | None = None
-    """JumpReLU STE kernel bandwidth epsilon, in units of normalized activations (E||x||^2 = 1)."""
-    jumprelu_theta_init: float | None = None
-    """JumpReLU initial threshold theta_0, in units of normalized activations."""
-    jumprelu_theta_param: str | None = None
-    """How theta is trained: 'log' (the paper) or 'raw' (SAELens PR #718)."""
-    prolu_estimator: str | None = None
-    """ProLU gradient estimator: 'relu' (prolu_relu) or 'ste' (prolu_ste)."""
-    threshold_momentum: float | None = None
-    """BatchTopK: EMA momentum of the inference threshold."""
-    matryoshka_widths: list[int] | None = None
-    """Matryoshka: the nested prefix widths, increasing, the last = d_sae; null = d_sae/16, /8,
-    /4, /2, d_sae."""
     init_decoder_norm: float | None = None
     """Norm of decoder rows at init (1.0 for unit-norm recipes, 0.1 for l1_decoder_norm)."""
     init_b_dec: str | None = None
@@ -88,6 +77,68 @@ class ModelConfig:
     architecture, d_model, d_sae and apply_b_dec_to_input; the optimizer state starts fresh.
     Empty = fresh init. A run resuming from its own checkpoint ignores it."""
 
+
+
+# --------------------------------------------------------------------------- architectures
+MODELS_DIR = Path(__file__).parent / "models"
+DECLARED = ("name", "penalties", "uses_k", "saelens", "recipe", "options")
+"""What each architecture class declares as literals (sae_jax/models/sae.py says what each means)."""
+OPTION_TYPES: dict[str, Any] = {"positive float": float, "fraction": float, "widths": list[int]}
+"""Value types an architecture's own option may have (a list of strings: one of them)."""
+
+
+def _declarations(cls: ast.ClassDef) -> dict[str, Any]:
+    out = {}
+    for node in cls.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(
+            node, ast.Assign) and len(node.targets) == 1 else None)
+        if isinstance(target, ast.Name) and target.id in DECLARED and node.value is not None:
+            out[target.id] = ast.literal_eval(node.value)
+    return out
+
+
+def read_architectures(directory: Path = MODELS_DIR) -> dict[str, dict[str, Any]]:
+    """Each architecture's declarations, read from the class bodies in ``directory``/*.py as literals and
+    merged down the class tree (dicts merge, a subclass's entries win), without importing the models."""
+    classes: dict[str, tuple[list[str], dict]] = {}
+    for path in sorted(directory.glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                bases = [b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases]
+                classes[node.name] = (bases, _declarations(node))
+
+    def resolve(name: str) -> dict[str, Any]:
+        bases, own = classes[name]
+        out: dict[str, Any] = {}
+        for base in bases:
+            if base in classes:
+                out.update(resolve(base))
+        for key, value in own.items():
+            out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
+        return out
+
+    return {own["name"]: resolve(name) for name, (_, own) in classes.items() if "name" in own}
+
+
+ARCHITECTURE_INFO = read_architectures()
+RECIPES: dict[str, dict[str, Any]] = {name: info["recipe"] for name, info in ARCHITECTURE_INFO.items()}
+"""Architecture -> defaults of the config fields left at null (declared by each class's ``recipe``)."""
+ARCHITECTURES = tuple(sorted(RECIPES))
+OPTIONS: dict[str, tuple[str, Any, str]] = {
+    key: opt for info in ARCHITECTURE_INFO.values() for key, opt in info.get("options", {}).items()}
+"""model.<field> -> (hyper-parameter, value type, doc): the architectures' own config fields."""
+
+
+def _option_field(key: str, kind: Any, doc: str) -> tuple[str, Any, Any]:
+    typ = str if isinstance(kind, list) else OPTION_TYPES[kind]
+    return key, typ | None, field(default=None, metadata={"doc": doc})
+
+
+ModelConfig = dataclasses.make_dataclass(
+    "ModelConfig", [_option_field(key, kind, doc) for key, (_, kind, doc) in OPTIONS.items()],
+    bases=(_ModelFields,), frozen=True)
+ModelConfig.__doc__ = "The SAE: the fields every architecture reads, then each architecture's own (see OPTIONS)."
+ModelConfig.__module__ = __name__
 
 @dataclass(frozen=True)
 class SparsityConfig:
@@ -206,58 +257,19 @@ class Config:
 
 
 # --------------------------------------------------------------------------- recipes
-_COMMON = dict(beta1=0.9, beta2=0.999, aux_coefficient=0.0, init_decoder_norm=1.0, grad_clip=0.0,
-               init_b_dec="geometric_median", apply_b_dec_to_input=True)
-
-_TOPK = dict(_COMMON, penalty="none", coefficient=0.0, lr=1e-3, k=32, aux_coefficient=1 / 32)
-
-RECIPES: dict[str, dict[str, Any]] = {
-    # Coefficients are for activations normalized to E||x||^2 = 1 (data.normalize). Measured on synthetic
-    # data (d 32, 96 true features, 4 per token, d_sae 192; tests/test_models.py): each recovers the features
-    # (MMCS 0.89-0.99) with L0 near the true 4 (relu's L1 leaves ~12) in 1.5M tokens at lr 3e-3 or 8M at 1e-3.
-    # Towards Monosemanticity (l1) / Anthropic April 2024 (l1_decoder_norm).
-    "relu": dict(_COMMON, penalty="l1", coefficient=0.2, lr=1e-3),
-    # Gated SAE paper: Adam betas (0, 0.999); aux term weight 1.
-    "gated": dict(_COMMON, penalty="l1", coefficient=0.5, lr=1e-3, beta1=0.0, aux_coefficient=1.0),
-    # JumpReLU / Gemma Scope: L0 penalty, betas (0, .999). The papers use theta_0 = eps = 1e-3 at
-    # E||x||^2 = 1 over billions of tokens; with eps = 1e-3 a run of a few million tokens sees too few
-    # pre-activations inside the kernel window to move theta (measured on synthetic data: MMCS 0.59
-    # against 0.87-0.91 with 1e-2), so the default is 1e-2; set model.jumprelu_eps=1e-3 for the paper's.
-    "jumprelu": dict(
-        _COMMON, penalty="l0", coefficient=0.03, lr=1e-3, beta1=0.0,
-        jumprelu_eps=1e-2, jumprelu_theta_init=1e-2, jumprelu_theta_param="log", apply_b_dec_to_input=False,
-    ),
-    # Gao et al. 2024: AuxK alpha = 1/32. k = 32 suits LM sites; set model.k to the data's sparsity.
-    "topk": _TOPK,
-    "batchtopk": dict(_TOPK, threshold_momentum=0.99),
-    # Bussmann et al. 2025: BatchTopK's recipe, reconstruction summed over nested prefixes.
-    "matryoshka": dict(_TOPK, threshold_momentum=0.99),
-    # Taggart 2024: ProLU with the STE estimator and the sqrt(L1) penalty.
-    "prolu": dict(_COMMON, penalty="sqrt_l1", coefficient=0.1, lr=1e-3, prolu_estimator="ste"),
-}
 PENALTY_RECIPES = {"l1_decoder_norm": dict(init_decoder_norm=0.1, grad_clip=1.0)}
 WARMUP_FRACTION = 0.05
 
-ARCHITECTURES = tuple(RECIPES)
 PENALTIES = ("l1", "l1_decoder_norm", "sqrt_l1", "l0", "none")
 _ALLOWED = {
     "model.architecture": ARCHITECTURES,
     "sparsity.penalty": PENALTIES,
-    "model.jumprelu_theta_param": ("log", "raw"),
-    "model.prolu_estimator": ("relu", "ste"),
+    **{f"model.{key}": tuple(kind) for key, (_, kind, _) in OPTIONS.items() if isinstance(kind, list)},
     "optim.decay": ("constant", "linear", "cosine"),
     "data.nonfinite": ("error", "skip"),
     "model.init_b_dec": ("zeros", "mean", "geometric_median"),
 }
-_ARCH_PENALTIES = {
-    "relu": ("l1", "l1_decoder_norm"),
-    "gated": ("l1", "l1_decoder_norm"),
-    "jumprelu": ("l0",),
-    "topk": ("none",),
-    "batchtopk": ("none",),
-    "matryoshka": ("none",),
-    "prolu": ("l1", "sqrt_l1"),
-}
+_ARCH_PENALTIES = {name: tuple(info["penalties"]) for name, info in ARCHITECTURE_INFO.items()}
 
 
 def _fill(section, values: dict[str, Any]):
@@ -276,14 +288,6 @@ def resolve(cfg: Config) -> Config:
     d_model = cfg.model.d_model
     if d_model:
         recipe["k_aux"] = max(1, d_model // 2)
-    for key, default in [("jumprelu_eps", 1e-3), ("jumprelu_theta_init", 1e-3),
-                         ("jumprelu_theta_param", "log"), ("prolu_estimator", "ste"),
-                         ("threshold_momentum", 0.99)]:
-        recipe.setdefault(key, default)
-    if cfg.model.architecture == "matryoshka":
-        from sae_jax.models.sae import default_matryoshka_widths
-
-        recipe["matryoshka_widths"] = list(default_matryoshka_widths(cfg.model.d_sae))
     cfg = replace(
         cfg,
         model=_fill(cfg.model, recipe),
@@ -308,24 +312,59 @@ def validate(cfg: Config) -> None:
             close = difflib.get_close_matches(str(value), allowed, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {value!r}{hint}.")
-    m, t = cfg.model, cfg.train
-    for key in ("model.d_sae", "train.steps", "train.batch_size", "train.log_every"):
+    _validate_model(cfg)
+    _validate_run(cfg)
+
+
+def _validate_model(cfg: Config) -> None:
+    """The model's fields: the common ones, the architecture's penalty and k, and every option by its type."""
+    m = cfg.model
+    _check(m.d_sae > 0, "model.d_sae", "a positive integer", m.d_sae)
+    _check(m.d_model >= 0, "model.d_model", "0 (from the store) or a positive integer", m.d_model)
+    if m.k is not None and ARCHITECTURE_INFO.get(m.architecture, {}).get("uses_k"):
+        _check(0 < m.k <= m.d_sae, "model.k", f"in 1..model.d_sae ({m.d_sae})", m.k)
+    if m.k_aux is not None:
+        _check(m.k_aux > 0, "model.k_aux", "a positive integer", m.k_aux)
+    if m.init_decoder_norm is not None:
+        _check(m.init_decoder_norm > 0, "model.init_decoder_norm", "positive", m.init_decoder_norm)
+    if m.aux_coefficient is not None:
+        _check(m.aux_coefficient >= 0, "model.aux_coefficient", "non-negative", m.aux_coefficient)
+    if cfg.sparsity.penalty is not None and m.architecture in _ARCH_PENALTIES:
+        ok = _ARCH_PENALTIES[m.architecture]
+        _check(cfg.sparsity.penalty in ok, "sparsity.penalty", f"one of {', '.join(ok)} for architecture "
+               f"'{m.architecture}'", cfg.sparsity.penalty)
+    for key, (_, kind, _) in OPTIONS.items():
+        value = getattr(m, key)
+        if value is not None and not isinstance(kind, list):
+            expected, ok = OPTION_CHECKS[kind]
+            _check(ok(value, m), f"model.{key}", expected(m), value)
+
+
+def _increasing_to(widths: Any, d_sae: int) -> bool:
+    return bool(widths) and all(isinstance(w, int) and not isinstance(w, bool) for w in widths) and widths[0] > 0 \
+        and all(b > a for a, b in zip(widths, widths[1:], strict=False)) and widths[-1] == d_sae
+
+
+OPTION_CHECKS: dict[str, tuple[Any, Any]] = {
+    "positive float": (lambda m: "positive", lambda v, m: v > 0),
+    "fraction": (lambda m: "in [0, 1)", lambda v, m: 0.0 <= v < 1.0),
+    "widths": (lambda m: f"a strictly increasing list of positive integers ending with model.d_sae ({m.d_sae}), "
+                         f"e.g. [{m.d_sae // 4}, {m.d_sae // 2}, {m.d_sae}]", lambda v, m: _increasing_to(v, m.d_sae)),
+}
+"""Option type -> (what it must be, given the model config; the test)."""
+
+
+def _validate_run(cfg: Config) -> None:
+    """Data, schedule, optimizer, mesh, checkpoint and sweep fields."""
+    t = cfg.train
+    for key in ("train.steps", "train.batch_size", "train.log_every"):
         _check(get_path(cfg, key) > 0, key, "a positive integer", get_path(cfg, key))
     _check(cfg.data.block_rows >= 0, "data.block_rows", "0 (the store's chunk rows) or a positive integer",
            cfg.data.block_rows)
     _check(cfg.data.shuffle_blocks is None or cfg.data.shuffle_blocks >= 0, "data.shuffle_blocks",
            "null (automatic), 0 (no row shuffle) or a positive integer", cfg.data.shuffle_blocks)
-    _check(m.d_model >= 0, "model.d_model", "0 (from the store) or a positive integer", m.d_model)
     _check(0.0 <= cfg.data.holdout_fraction < 1.0, "data.holdout_fraction", "in [0, 1)", cfg.data.holdout_fraction)
     _check(t.eval_tokens >= 0, "train.eval_tokens", "0 or a positive integer", t.eval_tokens)
-    if m.k is not None and m.architecture in ("topk", "batchtopk", "matryoshka"):
-        _check(0 < m.k <= m.d_sae, "model.k", f"in 1..model.d_sae ({m.d_sae})", m.k)
-    widths = m.matryoshka_widths
-    if m.architecture == "matryoshka" and widths is not None:
-        ok = bool(widths) and all(isinstance(w, int) and not isinstance(w, bool) for w in widths) and widths[0] > 0 \
-            and all(b > a for a, b in zip(widths, widths[1:], strict=False)) and widths[-1] == m.d_sae
-        _check(ok, "model.matryoshka_widths", f"a strictly increasing list of positive integers ending with "
-               f"model.d_sae ({m.d_sae}), e.g. [{m.d_sae // 4}, {m.d_sae // 2}, {m.d_sae}]", widths)
     if cfg.sparsity.coefficient is not None:
         _check(cfg.sparsity.coefficient >= 0, "sparsity.coefficient", "non-negative", cfg.sparsity.coefficient)
     if cfg.optim.lr is not None:
@@ -334,29 +373,17 @@ def validate(cfg: Config) -> None:
         v = get_path(cfg, key)
         if v is not None:
             _check(0.0 <= v < 1.0, key, "in [0, 1)", v)
-    for key in ("model.jumprelu_eps", "model.jumprelu_theta_init", "model.init_decoder_norm"):
-        v = get_path(cfg, key)
-        if v is not None:
-            _check(v > 0, key, "positive", v)
-    for key in ("model.aux_coefficient", "optim.grad_clip", "sparsity.warmup_steps", "optim.warmup_steps",
-                "optim.rewarm_step", "optim.rewarm_from"):
+    for key in ("optim.grad_clip", "sparsity.warmup_steps", "optim.warmup_steps", "optim.rewarm_step",
+                "optim.rewarm_from"):
         v = get_path(cfg, key)
         if v is not None:
             _check(v >= 0, key, "non-negative", v)
-    if m.k_aux is not None:
-        _check(m.k_aux > 0, "model.k_aux", "a positive integer", m.k_aux)
-    if m.threshold_momentum is not None:
-        _check(0.0 <= m.threshold_momentum < 1.0, "model.threshold_momentum", "in [0, 1)", m.threshold_momentum)
     _check(0.0 < cfg.optim.decay_fraction <= 1.0, "optim.decay_fraction", "in (0, 1]", cfg.optim.decay_fraction)
     _check(t.dead_tokens > 0, "train.dead_tokens", "a positive integer", t.dead_tokens)
     _check(cfg.distributed.num_processes >= 0, "distributed.num_processes", "0 (autodetect) or a positive integer",
            cfg.distributed.num_processes)
     _check(cfg.distributed.process_id >= -1, "distributed.process_id", "-1 (autodetect) or a process index",
            cfg.distributed.process_id)
-    if cfg.sparsity.penalty is not None and m.architecture in _ARCH_PENALTIES:
-        ok = _ARCH_PENALTIES[m.architecture]
-        _check(cfg.sparsity.penalty in ok, "sparsity.penalty", f"one of {', '.join(ok)} for architecture "
-               f"'{m.architecture}'", cfg.sparsity.penalty)
     for key in ("mesh.data", "mesh.model"):
         v = get_path(cfg, key)
         _check(v == -1 or v > 0, key, "a positive axis size or -1 (the rest)", v)

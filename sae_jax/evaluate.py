@@ -17,8 +17,9 @@ def evaluate(model: TrainedSAE, batches: Iterable[np.ndarray], ground_truth: np.
 
     @jax.jit
     def sums(params, stats, x):
-        f = sae.encode(params, x, stats)
-        return metrics.batch_sums(x, sae.decode(params, f), f)
+        bound = sae.bind(params, stats)
+        f = bound.encode(x)
+        return metrics.batch_sums(x, bound.decode(f), f)
 
     total = None
     for x in batches:

@@ -50,7 +50,8 @@ from safetensors import SafetensorError
 
 from sae_jax import api
 from sae_jax import config as config_lib
-from sae_jax.models.sae import SAE, Params, Stats, make_sae
+from sae_jax.models import make_sae, registry
+from sae_jax.models.sae import SAE, Params, Stats, fold_norms
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -59,14 +60,11 @@ SIDECAR_WEIGHTS = "sae_jax.safetensors"
 SAELENS_FORMAT = "6.0.0"
 """The SAELens cfg.json layout written (metadata.sae_lens_version); SAELens reads it as >= 6.0."""
 SIDECAR_VERSION = 1
-UNIT_NORM_ATOL = 1e-4
-"""Decoder rows within this of norm 1 count as unit-norm (for the imported penalty choice)."""
 GEMMA_SCOPE_KEYS = {"W_enc": ("d_model", "d_sae"), "W_dec": ("d_sae", "d_model"), "b_enc": ("d_sae",),
                     "b_dec": ("d_model",), "threshold": ("d_sae",)}
 """The arrays of a Gemma Scope ``params.npz`` (JumpReLU, arXiv 2408.05147) and their shapes."""
-IMPORTABLE = ("standard", "gated", "jumprelu", "topk")
-BASE = ("W_enc", "b_enc", "W_dec", "b_dec")
-GATED = ("W_enc", "b_gate", "b_mag", "r_mag", "W_dec", "b_dec")
+SAELENS_SCALED = ("b_enc", "b_gate", "b_mag", "threshold")
+"""SAELens per-latent tensors that scale with a folded decoder norm."""
 
 Arrays = dict[str, np.ndarray]
 
@@ -100,143 +98,28 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
-def decoder_norms(W_dec: np.ndarray) -> np.ndarray:
-    """||W_dec,i|| per latent in float64 (a zero row counts as norm 1, so it stays put)."""
-    n = np.linalg.norm(np.asarray(W_dec, np.float64), axis=1)
-    return np.where(n > 0, n, 1.0)
-
-
-def is_unit_norm(W_dec: np.ndarray, atol: float = UNIT_NORM_ATOL) -> bool:
-    """Every decoder row has norm 1 within ``atol``."""
-    return bool(np.all(np.abs(np.linalg.norm(np.asarray(W_dec, np.float64), axis=1) - 1.0) <= atol))
-
-
-def fold_norms(tensors: Arrays, scaled: tuple[str, ...] = ("b_enc", "b_gate", "b_mag", "threshold")) -> Arrays:
-    """Unit-norm decoder rows with the same reconstruction (SAELens ``fold_W_dec_norm``).
-
-    W_dec_i <- W_dec_i / n_i, W_enc[:, i] <- n_i W_enc[:, i] and every per-latent bias or
-    threshold in ``scaled`` times n_i: latent i's activation becomes n_i f_i, its
-    contribution f_i W_dec_i is unchanged (gated's r_mag is a log-scale and stays).
-    """
-    n = decoder_norms(tensors["W_dec"])
-    out = dict(tensors)
-    out["W_dec"] = (np.asarray(tensors["W_dec"], np.float64) / n[:, None]).astype(np.float32)
-    out["W_enc"] = (np.asarray(tensors["W_enc"], np.float64) * n[None, :]).astype(np.float32)
-    for k in scaled:
-        if k in out:
-            out[k] = (np.asarray(out[k], np.float64) * n).astype(np.float32)
-    return out
-
-
-def fold_decoder_norms(sae: SAE, params: Params) -> Params:
-    """Our parameters with unit-norm decoder rows and the same x_hat (relu, gated, jumprelu, prolu).
-
-    Each of these is positively homogeneous per latent in (encoder column, bias, threshold),
-    so scaling them by n_i and W_dec_i by 1/n_i keeps every x_hat. TopK/BatchTopK selection
-    would change, so they raise ValueError.
-    """
-    if sae.name in ("topk", "batchtopk", "matryoshka"):
-        raise ValueError(f"folding decoder norms changes which latents a {sae.name} SAE selects; "
-                         "renormalize its decoder instead.")
-    p = _host(params)
-    n = decoder_norms(p["W_dec"])
-    out = fold_norms(p, scaled=("b_enc", "b_gate", "b_mag"))
-    if "log_threshold" in p:
-        t = np.asarray(p["log_threshold"], np.float64)
-        t = t + np.log(n) if sae.theta_param == "log" else t * n
-        out["log_threshold"] = t.astype(np.float32)
-    return {k: jnp.asarray(v) for k, v in out.items()}
-
-
-# --------------------------------------------------------------------------- ours -> SAELens
-def _take(p: Arrays, names: tuple[str, ...]) -> Arrays:
-    return {k: p[k] for k in names}
-
-
-def _standard(sae, p, s):
-    return "standard", _take(p, BASE), {}
-
-
-def _gated(sae, p, s):
-    return "gated", _take(p, GATED), {}
-
-
-def _jumprelu(sae, p, s):
-    theta = np.asarray(jax.jit(sae.threshold)(p))  # what our encode compares against
-    return "jumprelu", {**_take(p, BASE), "threshold": theta}, {}
-
-
-def _topk(sae, p, s):
-    return "topk", _take(p, BASE), {"k": int(sae.k), "rescale_acts_by_decoder_norm": False}
-
-
-def _batchtopk(sae, p, s):
-    theta = np.full((sae.d_sae,), s["threshold"], np.float32)
-    return "jumprelu", {**_take(p, BASE), "threshold": theta}, {}
-
-
-def _prolu(sae, p, s):
-    b = p["b_enc"]
-    theta = np.where(b < 0, -b, 0.0).astype(np.float32)  # -b is exact; never -0.0
-    return "jumprelu", {**_take(p, ("W_enc", "W_dec", "b_dec")), "b_enc": np.zeros_like(b), "threshold": theta}, {}
-
-
-TO_SAELENS: dict[str, Callable] = {"relu": _standard, "gated": _gated, "jumprelu": _jumprelu, "topk": _topk,
-                                   "batchtopk": _batchtopk, "matryoshka": _batchtopk, "prolu": _prolu}
-"""Our architecture -> fn(sae, params, stats) -> (SAELens architecture, tensors, extra cfg fields)."""
-
-
+# --------------------------------------------------------------------------- ours <-> SAELens
 def saelens_form(sae: SAE, params: Params, stats: Stats) -> tuple[str, Arrays, dict, list[str]]:
-    """The SAELens architecture, weights, extra cfg.json fields and notes for one of our SAEs."""
-    arch, tensors, extra = TO_SAELENS[sae.name](sae, _host(params), _host(stats))
+    """The SAELens architecture, weights, extra cfg.json fields and notes for one of our SAEs (its
+    class's ``saelens`` and ``to_saelens``)."""
+    tensors, extra = sae.to_saelens(_host(params), _host(stats))
     notes = []
-    if arch != {"relu": "standard"}.get(sae.name, sae.name):
-        notes.append(f"{sae.name} exported as SAELens {arch} (same feature activations at inference)")
+    if not sae.saelens_import:
+        notes.append(f"{sae.name} exported as SAELens {sae.saelens} (same feature activations at inference)")
     if sae.penalty == "l1_decoder_norm":
-        tensors = fold_norms(tensors)
+        tensors = fold_norms(tensors, SAELENS_SCALED)
         notes.append("decoder norms folded into the encoder (unit-norm W_dec rows)")
-    return arch, _f32(tensors), extra, notes
-
-
-# --------------------------------------------------------------------------- SAELens -> ours
-def _from_base(sae, t):
-    return _take(t, BASE), {}
-
-
-def _from_gated(sae, t):
-    return _take(t, GATED), {}
-
-
-def _from_jumprelu(sae, t):
-    theta = t["threshold"]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_t = np.log(theta) if sae.theta_param == "log" else theta
-    return {**_take(t, BASE), "log_threshold": np.asarray(log_t, np.float32)}, {}
-
-
-def _from_batchtopk(sae, t):
-    return _take(t, BASE), {"threshold": np.asarray(t["threshold"][0], np.float32)}
-
-
-def _from_prolu(sae, t):
-    return {**_take(t, ("W_enc", "W_dec", "b_dec")), "b_enc": (-t["threshold"]).astype(np.float32)}, {}
-
-
-FROM_SAELENS: dict[str, Callable] = {"relu": _from_base, "gated": _from_gated, "jumprelu": _from_jumprelu,
-                                     "topk": _from_base, "batchtopk": _from_batchtopk,
-                                     "matryoshka": _from_batchtopk, "prolu": _from_prolu}
-"""Our architecture -> fn(sae, SAELens tensors) -> (params, stats overrides): the inverse mapping."""
+    return sae.saelens, _f32(tensors), extra, notes
 
 
 def params_from_saelens(sae: SAE, tensors: Arrays) -> tuple[Arrays, Arrays]:
     """Our parameters and statistics for ``sae`` from SAELens-named weights."""
-    params, over = FROM_SAELENS[sae.name](sae, tensors)
-    stats = _host(sae.init_stats()) | over
+    params, stats = sae.from_saelens(tensors)
     return _f32(params), {k: np.asarray(v) for k, v in stats.items()}
 
 
 def _check_shapes(sae: SAE, params: Arrays, where: str) -> None:
-    want = jax.eval_shape(sae.init, jax.random.key(0))
+    want = jax.eval_shape(sae.init_params, jax.random.key(0))
     if set(want) != set(params):
         raise ValueError(f"'{where}' holds parameters {sorted(params)}, but a {sae.name} SAE needs {sorted(want)}.")
     for k, v in want.items():
@@ -372,9 +255,9 @@ def _saelens_architecture(cfg: dict, where: str) -> tuple[str, dict]:
     arch = cfg.get("architecture") or "standard"
     if fn == "topk" and (cfg.get("activation_fn_kwargs") or {}).get("k") is not None:
         arch, cfg = "topk", {**cfg, "k": cfg["activation_fn_kwargs"]["k"]}
-    if arch not in IMPORTABLE:
+    if arch not in importers():
         raise ValueError(f"'{where}': SAELens architecture '{arch}' has no sae_jax equivalent; importable: "
-                         f"{', '.join(IMPORTABLE)}.")
+                         f"{', '.join(importers())}.")
     norm = cfg.get("normalize_activations") or "none"
     if norm not in ("none", "expected_average_only_in"):  # the latter is a no-op in a loaded SAELens SAE
         raise ValueError(f"'{where}': normalize_activations '{norm}' depends on each input, so it cannot be "
@@ -396,6 +279,11 @@ def _legacy_tensors(tensors: Arrays, where: str) -> tuple[Arrays, list[str]]:
     return tensors, notes
 
 
+def importers() -> dict[str, type[SAE]]:
+    """SAELens architecture -> the class its folders (not written by sae_jax) import as."""
+    return {cls.saelens: cls for cls in registry().values() if cls.saelens_import}
+
+
 def recipe_sae(architecture: str, overrides: list[str]) -> SAE:
     """Our SAE for an imported architecture, hyper-parameters from its recipe plus ``overrides``."""
     cfg = config_lib.load_config(None, [f"model.architecture={architecture}", *overrides])
@@ -407,20 +295,14 @@ def _foreign(cfg: dict, tensors: Arrays, where: str, meta: dict) -> api.TrainedS
     arch, cfg = _saelens_architecture(cfg, where)
     tensors, notes = _legacy_tensors(tensors, where)
     d, m = _cfg_int(cfg, "d_in", where), _cfg_int(cfg, "d_sae", where)
-    _check_saelens_tensors(tensors, arch, d, m, where)
+    cls = importers()[arch]
+    _check_saelens_tensors(tensors, cls, d, m, where)
+    _warn_negative_thresholds(tensors, where)
     common = [f"model.d_model={d}", f"model.d_sae={m}",
               f"model.apply_b_dec_to_input={bool(cfg.get('apply_b_dec_to_input', True))}"]
-    if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
-        tensors = fold_norms(tensors, ("b_enc",))  # SAELens _fold_norm_topk: same selection, unit rows
-        notes.append("decoder norms folded (rescale_acts_by_decoder_norm)")
-    if arch in ("standard", "gated"):
-        penalty = "l1" if is_unit_norm(tensors["W_dec"]) else "l1_decoder_norm"
-        sae = recipe_sae("relu" if arch == "standard" else arch, [*common, f"sparsity.penalty={penalty}"])
-    elif arch == "jumprelu":
-        _warn_negative_thresholds(tensors, where)
-        sae = recipe_sae("jumprelu", [*common, "model.jumprelu_theta_param=raw"])  # raw: theta kept bit-exact
-    else:
-        sae = recipe_sae("topk", [*common, f"model.k={_cfg_int(cfg, 'k', where)}"])
+    tensors, overrides, more = cls.import_saelens(cfg, tensors, lambda key: _cfg_int(cfg, key, where))
+    sae = recipe_sae(cls.name, [*common, *overrides])
+    notes += more
     params, stats = params_from_saelens(sae, tensors)
     _check_shapes(sae, params, where)
     theirs = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
@@ -437,10 +319,10 @@ def _cfg_int(cfg: dict, key: str, where: str) -> int:
     return value
 
 
-def _check_saelens_tensors(tensors: Arrays, arch: str, d: int, m: int, where: str) -> None:
-    """The weights a SAELens ``arch`` SAE of d_in=d, d_sae=m needs, with their shapes."""
-    need = GATED if arch == "gated" else BASE + (("threshold",) if arch == "jumprelu" else ())
-    want = {k: {"W_enc": (d, m), "W_dec": (m, d), "b_dec": (d,)}.get(k, (m,)) for k in need}
+def _check_saelens_tensors(tensors: Arrays, cls: type[SAE], d: int, m: int, where: str) -> None:
+    """The weights a SAELens ``cls.saelens`` SAE of d_in=d, d_sae=m needs, with their shapes."""
+    arch = cls.saelens
+    want = {k: {"W_enc": (d, m), "W_dec": (m, d), "b_dec": (d,)}.get(k, (m,)) for k in cls.saelens_tensors}
     bad = [f"{k} is {tuple(tensors[k].shape) if k in tensors else 'missing'} (expected {shape})"
            for k, shape in want.items() if k not in tensors or tuple(tensors[k].shape) != shape]
     if bad:
@@ -488,11 +370,10 @@ SPEC_TO_CONFIG = {
     "d_model": "model.d_model", "d_sae": "model.d_sae", "penalty": "sparsity.penalty",
     "init_decoder_norm": "model.init_decoder_norm", "init_b_dec": "model.init_b_dec",
     "apply_b_dec_to_input": "model.apply_b_dec_to_input", "dead_tokens": "train.dead_tokens",
-    "aux_coefficient": "model.aux_coefficient", "eps": "model.jumprelu_eps", "theta_init": "model.jumprelu_theta_init",
-    "theta_param": "model.jumprelu_theta_param", "k": "model.k", "k_aux": "model.k_aux",
-    "threshold_momentum": "model.threshold_momentum", "estimator": "model.prolu_estimator",
+    "aux_coefficient": "model.aux_coefficient", "k": "model.k", "k_aux": "model.k_aux",
+    **{hyper: f"model.{key}" for key, (hyper, _, _) in config_lib.OPTIONS.items()},
 }
-"""Our SAE dataclass fields -> config keys (the inverse of ``make_sae``)."""
+"""Our SAE hyper-parameters -> config keys (the inverse of ``make_sae``)."""
 
 
 def config_for(sae: SAE, init_from: str | Path, workdir: str | Path) -> config_lib.Config:

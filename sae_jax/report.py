@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from sae_jax import config as config_lib
+
 CSV_FILE, JSON_FILE, PLOT_FILE = "sweep_summary.csv", "sweep_summary.json", "pareto.png"
 HPARAMS = ("architecture", "d_sae", "k", "penalty", "coefficient", "lr")
 _HPARAM_KEYS = ("model.architecture", "model.d_sae", "model.k", "sparsity.penalty", "sparsity.coefficient",
@@ -35,7 +37,6 @@ METRICS = ("steps", "l0", "fvu", "explained_variance", "dead_fraction", "dense_f
            "recovered_fraction")
 _NOT_HPARAMS = ("train.workdir", "train.progress", "train.log_every", "sweep.", "distributed.", "model.d_model",
                 "model.k_aux")
-K_ARCHITECTURES = ("topk", "batchtopk", "matryoshka")
 
 
 def find_runs(dirs: Iterable[str | Path]) -> list[Path]:
@@ -82,7 +83,7 @@ def collect(dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
     for path, (cfg, summary) in zip(runs, read, strict=True):
         row: dict[str, Any] = {"name": _name(path)}
         row |= {h: cfg.get(k) for h, k in zip(HPARAMS, _HPARAM_KEYS, strict=True)}
-        if row["architecture"] not in K_ARCHITECTURES:
+        if not config_lib.ARCHITECTURE_INFO.get(row["architecture"], {}).get("uses_k"):
             row["k"] = None
         row |= {k: cfg.get(k) for k in varied}
         row |= {m: summary.get(m) for m in METRICS}

@@ -6,7 +6,6 @@ This is the only module that names mesh axes. Model code speaks of logical axes
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from typing import Any
@@ -150,9 +149,9 @@ def for_mesh(sae: Any, mesh: Mesh) -> Any:
 
     ``latent_groups`` never changes the result, only where the first selection stage runs.
     """
-    if not hasattr(sae, "latent_groups"):
+    if "latent_groups" not in sae.hyper_names():
         return sae
-    return dataclasses.replace(sae, latent_groups=axis_size(mesh, "latent"))
+    return sae.replace(latent_groups=axis_size(mesh, "latent"))
 
 
 def shard_bytes(tree: Any, shardings: Any) -> int:

@@ -146,7 +146,7 @@ def continue_from(store, workdir: Path, step: int, restore_params, restore_rest,
     if restore_params:
         state = state.replace(params=saved.params)
     if restore_rest:
-        state = state.replace(step=saved.step, opt_state=saved.opt_state, stats=saved.stats, rng=saved.rng)
+        state = state.replace(step=saved.step, opt_state=saved.opt_state, stats=saved.stats)
     loader = loop.make_loader(run)
     if restore_data:
         loader.set_state(ckpts.read_meta(step)["data"])

@@ -9,7 +9,8 @@ import yaml
 
 from sae_jax import aot, checkpoint, cli
 from sae_jax import config as config_lib
-from sae_jax.models import sae as sae_lib
+from sae_jax.models.matryoshka import MatryoshkaSAE
+from sae_jax.models.sae import SAE
 from tests.clitools import ROOT, cli_error
 
 
@@ -85,6 +86,6 @@ def test_d_model_zero_means_from_the_store_on_resume():
 
 
 def test_architecture_reprs_are_short():
-    m = sae_lib.MatryoshkaSAE(d_model=8, d_sae=64, widths=(4, 8, 16, 32, 64))
+    m = MatryoshkaSAE(d_model=8, d_sae=64, widths=(4, 8, 16, 32, 64))
     assert repr(m) == "MatryoshkaSAE(d_model=8, d_sae=64, penalty='l1', k=32, widths=(4, 8, ..., 64))"
-    assert repr(sae_lib.SAE(d_model=8, d_sae=16)) == "SAE(d_model=8, d_sae=16, penalty='l1')"
+    assert repr(SAE(d_model=8, d_sae=16)) == "SAE(d_model=8, d_sae=16, penalty='l1')"

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from sae_jax import api, cli, eval_lm, harvest
-from sae_jax.models.sae import TopKSAE
+from sae_jax.models.topk import TopKSAE
 
 HOOK = "blocks.2.hook_resid_post"
 T, N_CONTEXTS, N_EVAL = 32, 64, 4

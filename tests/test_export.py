@@ -18,7 +18,7 @@ from sae_jax import api, cli, export
 from sae_jax import config as config_lib
 from sae_jax.data import pipeline
 from sae_jax.evaluate import evaluate
-from sae_jax.models.sae import make_sae
+from sae_jax.models import make_sae
 from sae_jax.train import loop
 
 D_SAE = 64
@@ -45,7 +45,7 @@ def _make(case, x, seed=0):
     cfg = config_lib.load_config(None, [f"model.d_model={x.shape[1]}", f"model.d_sae={D_SAE}", *CASES[case]])
     sae = make_sae(cfg.model, cfg.sparsity.penalty)
     rng = np.random.default_rng(seed)
-    p = {k: np.asarray(v) for k, v in sae.init(jax.random.key(seed), jnp.asarray(x)).items()}
+    p = {k: np.asarray(v) for k, v in sae.init_params(jax.random.key(seed), jnp.asarray(x)).items()}
     pre = (x - p["b_dec"] * sae.apply_b_dec_to_input) @ p["W_enc"]
     q = np.quantile(pre, 0.7, axis=0)
     spread = np.std(pre, axis=0)
@@ -96,12 +96,12 @@ def test_round_trip_is_bit_identical(case, small_store, tmp_path):
                                                          "sae_jax.safetensors"}
     folder, _ = export.import_sae(exported.path, tmp_path / "imported")
     back = api.load(tmp_path / "imported")
-    assert back.sae == model.sae
+    assert back.sae.spec() == model.sae.spec()
     assert _bits(back.params) == _bits(model.params) and _bits(back.stats) == _bits(model.stats)
     assert _eval(back, small_store) == _eval(model, small_store)
     # The written config rebuilds the same architecture and points train at the import.
     cfg = config_lib.load_config(tmp_path / "imported" / "config.yaml")
-    assert make_sae(cfg.model, cfg.sparsity.penalty, cfg.train.dead_tokens) == model.sae
+    assert make_sae(cfg.model, cfg.sparsity.penalty, cfg.train.dead_tokens).spec() == model.sae.spec()
     assert cfg.model.init_from == str(folder.resolve())
 
     # The SAELens files alone (no sidecar) give the same SAE by SAELens's semantics.

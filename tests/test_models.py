@@ -21,11 +21,12 @@ from sae_jax import metrics
 from sae_jax.config import RECIPES, ConfigError, load_config, with_d_model
 from sae_jax.data.synthetic import SynthSpec, generate, ground_truth
 from sae_jax.models import activations as act
-from sae_jax.models.sae import REGISTRY, make_sae, normalized_mse
+from sae_jax.models import make_sae, registry
+from sae_jax.models.sae import normalized_mse
 from sae_jax.train import step as step_lib
 from sae_jax.train.state import init_state
 
-ARCHS = sorted(REGISTRY)
+ARCHS = sorted(registry())
 SPEC = SynthSpec(d_model=32, n_features=96, n_tokens=131072, seed=1, l0=4.0)
 TRAIN_ROWS = 120_000
 STEPS, BATCH = 3000, 512
@@ -76,8 +77,9 @@ def trained(arch, overrides=(), coefficients=None):
 def held_out(sae, params, stats):
     x, g, _ = data()
     xe = jnp.asarray(x[TRAIN_ROWS:])
-    f = sae.encode(params, xe, stats)
-    out = {"l0": float(metrics.l0(f)), "fvu": float(metrics.fvu(xe, sae.decode(params, f)))}
+    bound = sae.bind(params, stats)
+    f = bound.encode(xe)
+    out = {"l0": float(metrics.l0(f)), "fvu": float(metrics.fvu(xe, bound.decode(f)))}
     return out | metrics.mmcs(np.asarray(params["W_dec"]), g)
 
 
@@ -104,9 +106,10 @@ def test_matryoshka_prefixes_reconstruct_on_their_own():
 
     def prefix_fvu(arch):
         sae, [(params, stats)] = trained(arch, ("model.k=4",))
-        f = sae.encode(params, xe, stats)
+        bound = sae.bind(params, stats)
+        f = bound.encode(xe)
         first = sae.widths[0] if arch == "matryoshka" else 12
-        return float(metrics.fvu(xe, sae.decode(params, f * (jnp.arange(sae.d_sae) < first))))
+        return float(metrics.fvu(xe, bound.decode(f * (jnp.arange(sae.d_sae) < first))))
 
     _, sae = configure("matryoshka", *RUN)
     assert sae.widths == (12, 24, 48, 96, 192)  # the default: d_sae/16 ... d_sae
@@ -127,19 +130,20 @@ def test_topk_keeps_at_most_k_and_exactly_k_where_positive():
     sae, [(params, stats)] = trained("topk", ("model.k=4",))
     x, _, _ = data()
     xe = jnp.asarray(x[TRAIN_ROWS:])
-    f = np.asarray(sae.encode(params, xe, stats))
+    bound = sae.bind(params, stats)
+    f = np.asarray(bound.encode(xe))
     active = (f != 0).sum(axis=1)
-    positive = (np.asarray(sae.pre_acts(params, xe)) > 0).sum(axis=1)
+    positive = (np.asarray(bound.pre_acts(xe)) > 0).sum(axis=1)
     assert active.max() <= 4 and np.array_equal(active, np.minimum(positive, 4))
     # The training forward keeps the same latents as inference.
-    out = sae.forward(params, xe[:512], stats)
+    out = bound.forward(xe[:512])
     np.testing.assert_array_equal(np.asarray(out.f) != 0, f[:512] != 0)
 
 
 def test_batchtopk_averages_k_and_its_threshold_reproduces_it():
     sae, [(params, stats)] = trained("batchtopk", ("model.k=4",))
     x, _, _ = data()
-    out = sae.forward(params, jnp.asarray(x[:BATCH]), stats)
+    out = sae.bind(params, stats).forward(jnp.asarray(x[:BATCH]))
     assert float(metrics.l0(out.f)) == 4.0  # exactly k·B kept over the batch
     per_token = np.asarray((out.f != 0).sum(axis=1))
     assert per_token.min() != per_token.max()  # ... spread unevenly over the tokens
@@ -166,7 +170,7 @@ def test_batchtopk_code_selects_what_batch_topk_select_does(skew):
 
 def small(arch, *overrides, d=16, m=64):
     _, sae = configure(arch, f"model.d_sae={m}", "model.k=5", "train.dead_tokens=10", *overrides, d_model=d)
-    params = sae.init(jax.random.key(0), jax.random.normal(jax.random.key(5), (64, d)))
+    params = sae.init_params(jax.random.key(0), jax.random.normal(jax.random.key(5), (64, d)))
     params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape), params)
     return sae, params
 
@@ -224,8 +228,9 @@ def test_sparse_encode_gradients_include_the_input():
             code, _ = act.sparse_encode(x, params["W_enc"], params["b_enc"], params["b_dec"],
                                         jnp.zeros(64, bool), 5, 0, False)
             return jnp.sum(jnp.sin(act.densify_code(code, 8, 64)))
-        kept = act.densify(*act.topk_select(sae.pre_acts(params, jax.lax.stop_gradient(x)), 5), 64)
-        return jnp.sum(jnp.sin(jnp.where(kept != 0, jax.nn.relu(sae.pre_acts(params, x)), 0.0)))
+        bound = sae.bind(params)
+        kept = act.densify(*act.topk_select(bound.pre_acts(jax.lax.stop_gradient(x)), 5), 64)
+        return jnp.sum(jnp.sin(jnp.where(kept != 0, jax.nn.relu(bound.pre_acts(x)), 0.0)))
 
     np.testing.assert_allclose(jax.grad(f)(x, "sparse"), jax.grad(f)(x, "dense"), rtol=1e-5, atol=1e-6)
 
@@ -290,7 +295,7 @@ def test_step_l0_and_firing_statistics_come_from_the_code(arch):
     x = jax.random.normal(jax.random.key(1), (4, 16))  # 4 tokens: some latents fire on none
     new, m = jax.jit(step_lib.make_train_step(sae, tx, step_lib.lr_factor(1, 10), step_lib.coefficient_factor(1)))(
         state, x)
-    f = sae.forward(state.params, x, state.stats).f
+    f = sae.bind(state.params, state.stats).forward(x).f
     assert float(m["l0"]) == pytest.approx(float(metrics.l0(f)), abs=1e-6)
     fired = np.asarray(jnp.any(f != 0, axis=0))
     assert 0 < fired.sum() < 256
@@ -303,7 +308,7 @@ def test_gated_aux_term_and_penalty_see_a_frozen_decoder(penalty):
     x = jax.random.normal(jax.random.key(1), (24, 16))
 
     def side_terms(p):  # what trains the gate path only
-        out = sae.forward(p, x, sae.init_stats())
+        out = sae.bind(p).forward(x)
         return out.aux + 0.7 * out.sparsity
 
     grads = jax.grad(side_terms)(params)
@@ -311,18 +316,18 @@ def test_gated_aux_term_and_penalty_see_a_frozen_decoder(penalty):
     assert float(jnp.abs(grads["b_gate"]).max()) > 0 and float(jnp.abs(grads["b_mag"]).max()) == 0
     assert sae.unit_norm_decoder == (penalty == "l1")
     # The magnitude path shares W_gate: f's magnitude is (x - b_dec)(W_gate * exp(r_mag)) + b_mag.
-    pi_gate, pi_mag = sae.gate_and_mag(params, x)
+    pi_gate, pi_mag = sae.bind(params).gate_and_mag(x)
     h = (x - params["b_dec"]) @ params["W_enc"]
     np.testing.assert_allclose(pi_mag, h * jnp.exp(params["r_mag"]) + params["b_mag"], rtol=1e-5, atol=1e-5)
-    f = sae.forward(params, x, sae.init_stats()).f  # f = H(π_gate) ReLU(π_mag)
+    f = sae.bind(params).forward(x).f  # f = H(π_gate) ReLU(π_mag)
     np.testing.assert_allclose(f, jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(sae.encode(params, x), f)
+    np.testing.assert_array_equal(sae.bind(params).encode(x), f)
 
 
 def test_prolu_sqrt_l1_is_the_authors_penalty():
     sae, params = small("prolu", "sparsity.penalty=sqrt_l1")
     f = jnp.array([[0.0, 0.25, 4.0], [1e-3, 0.0, 1.0]])
-    value, grad = jax.value_and_grad(lambda f: sae.l1(params, f))(f)
+    value, grad = jax.value_and_grad(lambda f: sae.bind(params).l1(f))(f)
     eps = 1e-6  # nqgl/scsae: sqrt(relu(f) + 1e-6), summed over latents, batch mean
     expected = np.mean(np.sum(np.sqrt(np.asarray(f) + eps) - np.sqrt(eps), axis=1))
     np.testing.assert_allclose(value, expected, rtol=1e-5)
@@ -335,8 +340,8 @@ def test_jumprelu_parameterizations_and_raw_projection():
     sae_raw, _ = small("jumprelu", "model.jumprelu_theta_param=raw")
     theta = jnp.linspace(0.01, 0.2, 64)
     x = jax.random.normal(jax.random.key(1), (8, 16))
-    f_log = sae_log.encode(dict(params, log_threshold=jnp.log(theta)), x)
-    f_raw = sae_raw.encode(dict(params, log_threshold=theta), x)
+    f_log = sae_log.bind(dict(params, log_threshold=jnp.log(theta))).encode(x)
+    f_raw = sae_raw.bind(dict(params, log_threshold=theta)).encode(x)
     np.testing.assert_allclose(f_log, f_raw, rtol=1e-6)
     clamped = sae_raw.constrain_params(dict(params, log_threshold=theta - 0.1))["log_threshold"]
     assert float(clamped.min()) == 0.0  # raw theta is kept >= 0, as SAELens does
@@ -347,7 +352,7 @@ def test_dead_latents_are_counted_in_tokens():
     stats = sae.init_stats()
     x = jax.random.normal(jax.random.key(1), (24, 16))
     for _ in range(2):
-        out = sae.forward(params, x, stats)
+        out = sae.bind(params, stats).forward(x)
         stats = sae.update_stats(stats, out)
     fired = np.asarray((out.f != 0).any(axis=0))
     since = np.asarray(stats["tokens_since_fired"])
@@ -365,16 +370,16 @@ def test_fold_scale_gives_raw_space_reconstruction(arch, variant):
         stats = dict(stats, threshold=jnp.asarray(0.05))
     x = jax.random.normal(jax.random.key(4), (32, 16)) * 3.0
     scale = 0.25
-    x_hat_n = sae.decode(params, sae.encode(params, x * scale, stats))
+    x_hat_n = sae.bind(params, stats)(x * scale)
     raw_p, raw_s = sae.fold_scale(params, stats, scale)
-    x_hat_raw = sae.decode(raw_p, sae.encode(raw_p, x, raw_s))
+    x_hat_raw = sae.bind(raw_p, raw_s)(x)
     np.testing.assert_allclose(x_hat_raw, x_hat_n / scale, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_architecture_vmaps_over_stacked_params(arch):
     sae, _ = small(arch, d=8, m=32)
-    stacked = jax.vmap(lambda k: sae.init(k))(jax.random.split(jax.random.key(0), 2))
+    stacked = jax.vmap(lambda k: sae.init_params(k))(jax.random.split(jax.random.key(0), 2))
     x = jax.random.normal(jax.random.key(1), (16, 8))
     stats = dict(sae.init_stats(), **half_dead(sae))  # AuxK's conditional under vmap too
     fn = jax.value_and_grad(lambda p: sae.loss(p, x, 0.1, stats)[0])

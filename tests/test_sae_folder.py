@@ -22,7 +22,7 @@ from sae_jax import api, checkpoint, export
 from sae_jax import cli as cli_lib
 from sae_jax import config as config_lib
 from sae_jax.data.synthetic import SynthSpec, write_synthetic
-from sae_jax.models.sae import make_sae
+from sae_jax.models import make_sae
 
 D_MODEL, D_SAE = 16, 64
 
@@ -40,7 +40,7 @@ def make(architecture: str = "relu", d_sae: int = D_SAE, seed: int = 0):
                                         f"model.architecture={architecture}"])
     sae = make_sae(cfg.model, cfg.sparsity.penalty)
     x = np.random.default_rng(seed).normal(size=(64, D_MODEL)).astype(np.float32)
-    return sae, sae.init(jax.random.key(seed), jnp.asarray(x)), sae.init_stats()
+    return sae, sae.init_params(jax.random.key(seed), jnp.asarray(x)), sae.init_stats()
 
 
 def saved(folder: Path, **kw) -> Path:
@@ -71,9 +71,9 @@ import sys
 import jax
 from sae_jax import api, config
 cfg = config.load_config(None, ["model.d_model={D_MODEL}", "model.d_sae={D_SAE}"])
-from sae_jax.models.sae import make_sae
+from sae_jax.models import make_sae
 sae = make_sae(cfg.model, cfg.sparsity.penalty)
-api.save(sys.argv[1] + "/sae", sae, sae.init(jax.random.key(0)), sae.init_stats())
+api.save(sys.argv[1] + "/sae", sae, sae.init_params(jax.random.key(0)), sae.init_stats())
 """
 INJECT_ENOSPC = """
 import errno, sys

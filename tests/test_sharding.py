@@ -21,7 +21,7 @@ from jax import lax
 from sae_jax import config as config_lib
 from sae_jax import sharding
 from sae_jax.models import activations as act
-from sae_jax.models.sae import make_sae
+from sae_jax.models import make_sae
 
 ARCHS = ("relu", "gated", "jumprelu", "topk", "batchtopk", "prolu")
 MESHES = ((1, 8), (2, 4), (4, 2), (8, 1))
@@ -234,20 +234,17 @@ def _train_on(cfg, mesh, batches, start=None):
 
     run = dataclasses.replace(loop.prepare(cfg), mesh=mesh)
     sharding.check_divisible(mesh, cfg.train.batch_size, cfg.model.d_sae)
-    if start is None:
-        state = loop.init_train_state(run)
-    else:  # from the host: a device_put between meshes may share buffers, which the step's donation frees
-        state = start.replace(rng=jax.random.wrap_key_data(start.rng))
-        state = jax.device_put(state, loop.state_shardings(run, state))
-    start = jax.device_get(state.replace(rng=jax.random.key_data(state.rng)))
+    # from the host: a device_put between meshes may share buffers, which the step's donation frees
+    state = loop.init_train_state(run) if start is None else jax.device_put(start, loop.state_shardings(run, start))
+    start = jax.device_get(state)
     globals_ = [pipeline.to_global(x, sharding.batch_sharding(mesh)) for x in batches]
     step = loop.compile_step(run, state).lower(state, globals_[0]).compile()
     history = []
     for x in globals_:
         state, metrics = step(state, x)
         history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
-    specs = spec_table(jax.tree.map(lambda a: a.sharding.spec, state.replace(rng=jax.random.key_data(state.rng))))
-    return start, jax.device_get(state.replace(rng=jax.random.key_data(state.rng))), history, specs
+    specs = spec_table(jax.tree.map(lambda a: a.sharding.spec, state))
+    return start, jax.device_get(state), history, specs
 
 
 def _gather_shapes(hlo: str) -> list[str]:

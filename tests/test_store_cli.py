@@ -20,7 +20,7 @@ from clitools import assert_no_traceback, cli, cli_error, cli_start
 from sae_jax import api
 from sae_jax import config as config_lib
 from sae_jax.data import store as store_lib
-from sae_jax.models.sae import make_sae
+from sae_jax.models import make_sae
 
 # 20 shards of 32768 rows, written in about 3 s: long enough to be killed after the first ones.
 SYNTH = ("--d-model", 16, "--n-features", 128, "--n-tokens", 20 * 32768, "--seed", 3)
@@ -152,7 +152,7 @@ def saved_sae(root: Path, d_model: int = 16) -> Path:
     """A work directory holding an (untrained) ReLU SAE of width ``d_model``."""
     cfg = config_lib.load_config(None, [f"model.d_model={d_model}", "model.d_sae=32"])
     sae = make_sae(cfg.model, cfg.sparsity.penalty)
-    params = sae.init(jax.random.key(0), jnp.ones((8, d_model), jnp.float32))
+    params = sae.init_params(jax.random.key(0), jnp.ones((8, d_model), jnp.float32))
     stats = {k: np.asarray(v) for k, v in sae.init_stats().items()}
     api.save(root / api.SAE_DIR, sae, {k: np.asarray(v) for k, v in params.items()}, stats, {"norm_scale": 1.0})
     return root

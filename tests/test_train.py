@@ -9,7 +9,7 @@ import pytest
 
 from sae_jax import api, cli
 from sae_jax import config as config_lib
-from sae_jax.models.sae import make_sae
+from sae_jax.models import make_sae
 from sae_jax.train import step as step_lib
 from sae_jax.train.loop import train
 from sae_jax.train.state import init_state

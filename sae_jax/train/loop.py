@@ -36,7 +36,8 @@ from sae_jax import config as config_lib
 from sae_jax.config import Config, ConfigError
 from sae_jax.data import pipeline
 from sae_jax.data import store as store_lib
-from sae_jax.models.sae import SAE, make_sae
+from sae_jax.models import make_sae
+from sae_jax.models.sae import SAE
 from sae_jax.train import outputs
 from sae_jax.train import step as step_lib
 from sae_jax.train.outputs import is_main

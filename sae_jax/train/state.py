@@ -24,8 +24,6 @@ class TrainState:
     """optax state (Adam moments)."""
     stats: Stats
     """Per-latent statistics: tokens since each latent fired, BatchTopK threshold."""
-    rng: jax.Array
-    """PRNG key of the run (for stochastic parts such as resampling)."""
     hparams: dict[str, jax.Array]
     """Per-run hyper-parameters a sweep varies: 'lr' and 'coefficient' (float32 scalars)."""
 
@@ -33,14 +31,12 @@ class TrainState:
 def init_state(sae: SAE, tx: optax.GradientTransformation, key: jax.Array, sample: jax.Array | None,
                lr: float = 1e-3, coefficient: float = 0.0) -> TrainState:
     """A fresh state: parameters by the architecture's recipe, zeroed optimizer state."""
-    k_params, k_run = jax.random.split(key)
-    params = sae.constrain_params(sae.init(k_params, sample))
+    params = sae.constrain_params(sae.init_params(jax.random.split(key)[0], sample))
     return TrainState(
         step=jax.numpy.zeros((), jax.numpy.int32),
         params=params,
         opt_state=tx.init(params),
         stats=sae.init_stats(),
-        rng=k_run,
         hparams={"lr": jax.numpy.asarray(lr, jax.numpy.float32),
                  "coefficient": jax.numpy.asarray(coefficient, jax.numpy.float32)},
     )
