@@ -369,3 +369,11 @@ def test_restore_onto_another_mesh(store, tmp_path):
     assert "mesh.data: 8 -> 2" in onto2["changes"]
     assert onto8x1["same"] and onto8x1["mesh"] == {"data": 8, "model": 1} and onto8x1["next_step"] == 21
     assert {"mesh.data: 2 -> 8", "mesh.model: 4 -> 1"} <= set(onto8x1["changes"])
+
+
+def test_a_format_1_checkpoint_is_refused_with_what_to_do():
+    """Format 1 (before the Flax models: its state has TrainState.rng) is not read as corrupt but refused."""
+    cfg = config_lib.load_config(None, ["model.d_model=8", "train.workdir=/tmp/old_run"])
+    meta = {"version": 1, "store": "s", "config": config_lib.to_dict(cfg)}
+    with pytest.raises(config_lib.ConfigError, match=r"checkpoint format 1 .*reads format 2.*--fresh"):
+        checkpoint.reconcile(meta, cfg, "s", 10)
