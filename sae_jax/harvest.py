@@ -467,3 +467,18 @@ def _check_no_parts(parts: Path) -> None:
     if parts.exists():
         raise StoreError(f"{parts}: the parts of a multi-process harvest are there; resume it with the same number "
                          "of processes, or pass --fresh to delete them.")
+
+
+def harvest_from_config(cfg, fresh: bool = False):
+    """The harvest a :class:`~sae_jax.config.HarvestConfig` describes (what `sae-jax harvest` runs): start
+    jax.distributed as ``cfg.distributed`` says, load the model and the corpus, harvest. Returns the Store on
+    process 0 and None on the others."""
+    from sae_jax import sharding
+
+    d = cfg.distributed
+    sharding.init_distributed(d.coordinator, d.num_processes, d.process_id)  # before any backend is touched
+    source = load_model(cfg.model)
+    return harvest(cfg.out, source, load_corpus(cfg.corpus), hooks=cfg.hooks, tokens=cfg.tokens, context=cfg.context,
+                   seed=cfg.seed, batch_size=cfg.batch_size, buffer_contexts=cfg.buffer_contexts,
+                   exclude=parse_exclusions(cfg.exclude, source), dtype=cfg.dtype,
+                   model_spec=model_spec_string(cfg.model), fresh=fresh)

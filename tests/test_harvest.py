@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import astuple
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 
 from sae_jax import cli, harvest
+from sae_jax.cli import harvest as harvest_cli
 from sae_jax.config import ConfigError
 from sae_jax.data import store as store_lib
 from sae_jax.data.store import StoreError
@@ -231,19 +233,20 @@ def test_two_process_harvest_holds_the_same_rows(tiny, tmp_path):
 
 
 def test_harvest_takes_distributed_overrides_or_flags():
-    def parse(*extra):  # as main does: overrides after the flags (launch/local.sh) land in extra
+    def config(*extra):  # as main does: overrides after the flags (launch/local.sh) land in extra
         args, rest = cli.build_parser().parse_known_args(["harvest", "out", "--model", "m", "--corpus", "c",
                                                           "--hooks", "h", "--tokens", "8", *extra])
         args.overrides = [*args.overrides, *rest]
-        return args
+        return harvest_cli.harvest_config(args)
 
-    flags = parse("--coordinator", "h:1", "--num-processes", "2", "--process-id", "1")
-    over = parse("distributed.coordinator=h:1", "distributed.num_processes=2", "distributed.process_id=1")
-    assert cli._harvest_distributed(flags) == cli._harvest_distributed(over) == ("h:1", 2, 1)
-    with pytest.raises(ConfigError, match="'model.d_sae=4' is not a distributed"):
-        cli._harvest_distributed(parse("model.d_sae=4"))
+    flags = config("--coordinator", "h:1", "--num-processes", "2", "--process-id", "1")
+    over = config("distributed.coordinator=h:1", "distributed.num_processes=2", "distributed.process_id=1")
+    assert flags == over and astuple(flags.distributed) == ("h:1", 2, 1)
+    assert config("--num-processes", "4", "distributed.num_processes=2").distributed.num_processes == 2
+    with pytest.raises(ConfigError, match="unknown config key 'model.d_sae'"):
+        config("model.d_sae=4")
     with pytest.raises(ConfigError, match="distributed.num_processes"):
-        cli._harvest_distributed(parse("distributed.num_processes=two"))
+        config("distributed.num_processes=two")
 
 
 # --------------------------------------------------------------------------- a user's callable, MiniLM

