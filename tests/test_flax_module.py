@@ -9,6 +9,7 @@ for the training state (tests/golden/partition_specs.json).
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,16 @@ def test_the_module_is_the_pure_functions_the_trainer_uses():
         np.testing.assert_array_equal(sae.decode(sae.encode(x)), sae(x))
         loss, out = jax.jit(lambda p, s, x, sae=sae: sae.loss(p, x, jnp.float32(0.1), s))(params, stats, x)
         assert np.isfinite(float(loss)) and out.x_hat.shape == x.shape, architecture
+
+
+def test_the_readme_flax_example_runs_as_written():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "nnx.Rngs" in b)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - the README's own example
+    assert scope["x_hat"].shape == (8, 64) and scope["f"].shape == (8, 1024)
+    np.testing.assert_array_equal(scope["sae"].decode(scope["f"]), scope["x_hat"])
+    assert scope["specs"]["W_enc"].get_value() == jax.sharding.PartitionSpec(None, "model")
 
 
 if __name__ == "__main__":
