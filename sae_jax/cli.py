@@ -70,8 +70,8 @@ def _pop_option(args: list[str], name: str, default: str | None) -> str | None:
 
 
 def _cmd_compile_check(args) -> int:
-    from sae_jax import aot
     from sae_jax import config as config_lib
+    from sae_jax.train import aot
 
     overrides = list(args.overrides)
     mesh = _pop_option(overrides, "--mesh", args.mesh)
@@ -88,9 +88,9 @@ def _cmd_compile_check(args) -> int:
 
 def _cmd_sweep(args) -> int:
     from sae_jax import config as config_lib
-    from sae_jax import report
-    from sae_jax import sweep as sweep_lib
-    from sae_jax.sweep import sweep
+    from sae_jax.eval import report
+    from sae_jax.train import sweep as sweep_lib
+    from sae_jax.train.sweep import sweep
 
     # Unresolved: each member takes its own architecture's recipe defaults.
     overrides = _pop_flags(args, "--fresh", "--print-config", "--list-groups")
@@ -189,7 +189,7 @@ def _start_banner(command: str, cfg, members: list, extra: str = "") -> None:
 
 
 def _cmd_report(args) -> int:
-    from sae_jax import report
+    from sae_jax.eval import report
 
     if args.out is None and len(args.dirs) > 1:
         raise ValueError("`sae-jax report` got several directories; pass --out DIR for the report.")
@@ -212,10 +212,10 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from sae_jax import api
     from sae_jax.data import pipeline
     from sae_jax.data import store as store_lib
-    from sae_jax.evaluate import evaluate
+    from sae_jax.eval.store import evaluate
+    from sae_jax.io import loader as api
 
     model = api.load(args.workdir)
     store = store_lib.open_store(args.data)
@@ -288,7 +288,7 @@ def _cmd_store(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from sae_jax import export
+    from sae_jax.io import saelens as export
 
     metadata = {"model_name": args.model_name, "hook_name": args.hook_name}
     for e in export.export_workdir(args.workdir, args.out, metadata):
@@ -298,7 +298,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_import(args) -> int:
-    from sae_jax import export
+    from sae_jax.io import loader as export
 
     folder, model = export.import_sae(args.src, args.out, member=args.member)
     print(f"imported a {model.sae.name} SAE (d_model={model.sae.d_model}, d_sae={model.sae.d_sae}) into {folder}\n"
@@ -325,7 +325,8 @@ def _harvest_distributed(args) -> tuple[str, int, int]:
 
 
 def _cmd_harvest(args) -> int:
-    from sae_jax import harvest, sharding
+    from sae_jax import sharding
+    from sae_jax.lm import harvest
 
     sharding.init_distributed(*_harvest_distributed(args))
     source = harvest.load_model(args.model)
@@ -340,7 +341,7 @@ def _cmd_harvest(args) -> int:
 
 
 def _cmd_eval_lm(args) -> int:
-    from sae_jax import eval_lm
+    from sae_jax.eval import lm as eval_lm
 
     results = eval_lm.evaluate_lm(args.workdir, model=args.model, corpus=args.corpus, hook=args.hook,
                                   data=args.data, contexts=args.contexts, context=args.context,
@@ -353,7 +354,7 @@ def _cmd_eval_lm(args) -> int:
 
 
 def _print_result(result: dict, title: str) -> None:
-    from sae_jax.evaluate import table
+    from sae_jax.eval.store import table
 
     print(table(result, title))
 
@@ -589,9 +590,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # (module, exception class, exit status, whether the line starts with 'error: ')
-FAILURES = (("sae_jax.api", "SaveError", EXIT_CHECKPOINT_FAILED, True),
-            ("sae_jax.checkpoint", "Preempted", EXIT_PREEMPTED, False),
-            ("sae_jax.checkpoint", "CheckpointError", EXIT_CHECKPOINT_FAILED, True),
+FAILURES = (("sae_jax.io.sae_folder", "SaveError", EXIT_CHECKPOINT_FAILED, True),
+            ("sae_jax.train.checkpoint", "Preempted", EXIT_PREEMPTED, False),
+            ("sae_jax.train.checkpoint", "CheckpointError", EXIT_CHECKPOINT_FAILED, True),
             ("sae_jax.train.state", "NonFiniteError", EXIT_NONFINITE, True))
 
 
@@ -616,7 +617,7 @@ def _is_user_error(e: Exception) -> bool:
     from sae_jax.config import ConfigError
 
     user = (ConfigError, FileNotFoundError, ValueError)
-    lock = sys.modules.get("sae_jax.lock")
+    lock = sys.modules.get("sae_jax.io.lock")
     if lock is not None:
         user += (lock.LockedError,)
     try:

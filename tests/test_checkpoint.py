@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from clitools import assert_no_traceback
 
-from sae_jax import checkpoint, cli
+from sae_jax import cli
 from sae_jax import config as config_lib
 from sae_jax.data import pipeline
 from sae_jax.data.synthetic import SynthSpec, write_synthetic
-from sae_jax.train import loop
+from sae_jax.train import checkpoint, loop
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 90, 30
@@ -311,7 +311,8 @@ def test_sigint_saves_a_checkpoint_and_raises_preempted(store, tmp_path):
 MESH_SCRIPT = """
 import json, sys
 import jax, numpy as np
-from sae_jax import checkpoint, config as config_lib, sharding
+from sae_jax import config as config_lib, sharding
+from sae_jax.train import checkpoint
 from sae_jax.data import pipeline
 from sae_jax.train import loop
 

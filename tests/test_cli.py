@@ -7,9 +7,10 @@ import dataclasses
 import pytest
 import yaml
 
-from sae_jax import aot, checkpoint, cli
+from sae_jax import cli
 from sae_jax import config as config_lib
 from sae_jax.models import sae as sae_lib
+from sae_jax.train import aot, checkpoint
 from tests.clitools import ROOT, cli_error
 
 

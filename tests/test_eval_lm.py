@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import yaml
 
-from sae_jax import api, cli, eval_lm, harvest
+from sae_jax import api, cli
+from sae_jax.eval import lm as eval_lm
+from sae_jax.lm import harvest
 from sae_jax.models.sae import TopKSAE
 
 HOOK = "blocks.2.hook_resid_post"

@@ -14,12 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae_jax import api, cli, export
+from sae_jax import api, cli
 from sae_jax import config as config_lib
 from sae_jax.data import pipeline
-from sae_jax.evaluate import evaluate
+from sae_jax.eval.store import evaluate
+from sae_jax.io import sae_folder, saelens
 from sae_jax.models.sae import make_sae
 from sae_jax.train import loop
+from sae_jax.train.init_from import initial_params
 
 D_SAE = 64
 CASES = {
@@ -69,7 +71,7 @@ def _make(case, x, seed=0):
 def _saved(case, store, root):
     """A work directory holding one case's SAE; returns its loaded TrainedSAE."""
     sae, p, stats = _make(case, _rows(store))
-    api.save(root / "run" / api.SAE_DIR, sae, p, stats, {"norm_scale": 1.0, "case": case})
+    api.save(root / "run" / sae_folder.SAE_DIR, sae, p, stats, {"norm_scale": 1.0, "case": case})
     return api.load(root / "run")
 
 
@@ -91,10 +93,10 @@ def _norm_factor(model):
 @pytest.mark.parametrize("case", list(CASES))
 def test_round_trip_is_bit_identical(case, small_store, tmp_path):
     model = _saved(case, small_store, tmp_path)
-    [exported] = export.export_workdir(tmp_path / "run", tmp_path / "saelens")
+    [exported] = saelens.export_workdir(tmp_path / "run", tmp_path / "saelens")
     assert {p.name for p in exported.path.iterdir()} == {"cfg.json", "sae_weights.safetensors", "sae_jax.json",
                                                          "sae_jax.safetensors"}
-    folder, _ = export.import_sae(exported.path, tmp_path / "imported")
+    folder, _ = api.import_sae(exported.path, tmp_path / "imported")
     back = api.load(tmp_path / "imported")
     assert back.sae == model.sae
     assert _bits(back.params) == _bits(model.params) and _bits(back.stats) == _bits(model.stats)
@@ -120,7 +122,7 @@ def test_saelens_loads_every_exported_architecture(case, small_store, tmp_path):
     sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (pip install 'sae_jax[saelens]')")
     torch = pytest.importorskip("torch", reason="torch is not installed (needed by sae-lens)")
     model = _saved(case, small_store, tmp_path)
-    [exported] = export.export_workdir(tmp_path / "run", tmp_path / "saelens")
+    [exported] = saelens.export_workdir(tmp_path / "run", tmp_path / "saelens")
     theirs = sae_lens.SAE.load_from_disk(str(exported.path))
     assert type(theirs).__name__ == {"relu": "StandardSAE", "gated": "GatedSAE", "topk": "TopKSAE"}.get(
         model.sae.name, "JumpReLUSAE")
@@ -202,14 +204,14 @@ def test_trained_export_import_continues_training(small_store, tmp_path, capsys)
     wrong = config_lib.load_config(None, [f"model.d_model={run.sae.d_model}", "model.d_sae=32",
                                           "model.architecture=jumprelu"])
     with pytest.raises(config_lib.ConfigError, match="d_sae"):
-        api.initial_params(tmp_path / "b", make_sae(wrong.model, wrong.sparsity.penalty), 1.0)
+        initial_params(tmp_path / "b", make_sae(wrong.model, wrong.sparsity.penalty), 1.0)
 
 
 def test_api_members_arrays_and_foreign_folders(small_store, tmp_path):
     x = _rows(small_store, 256)
     for i, case in enumerate(("relu", "topk")):
         sae, p, stats = _make(case, x, seed=i)
-        api.save(tmp_path / "sweep" / "members" / case / api.SAE_DIR, sae, p, stats)
+        api.save(tmp_path / "sweep" / "members" / case / sae_folder.SAE_DIR, sae, p, stats)
     with pytest.raises(ValueError, match="members/relu"):
         api.load(tmp_path / "sweep")
     topk = api.load(tmp_path / "sweep", member="topk")
@@ -223,21 +225,21 @@ def test_api_members_arrays_and_foreign_folders(small_store, tmp_path):
         topk.encode(x[:, :5])
 
     # A sweep exports one folder per member; the API loads them by name.
-    results = export.export_workdir(tmp_path / "sweep", tmp_path / "out")
+    results = saelens.export_workdir(tmp_path / "sweep", tmp_path / "out")
     assert sorted(r.path.relative_to(tmp_path / "out").as_posix() for r in results) == ["members/relu", "members/topk"]
     np.testing.assert_array_equal(api.load(tmp_path / "out", member="topk").encode(x), topk.encode(x))
 
     # Edited SAELens weights: the sidecar is ignored (with a warning), SAELens semantics apply.
     folder = tmp_path / "out" / "members" / "relu"
     from safetensors.numpy import load_file, save_file
-    weights = load_file(str(folder / export.SAELENS_WEIGHTS))
-    save_file({**weights, "b_enc": weights["b_enc"] + 1}, str(folder / export.SAELENS_WEIGHTS))
+    weights = load_file(str(folder / saelens.SAELENS_WEIGHTS))
+    save_file({**weights, "b_enc": weights["b_enc"] + 1}, str(folder / saelens.SAELENS_WEIGHTS))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         edited = api.load(folder)
     assert any("changed since sae_jax exported it" in str(w.message) for w in caught)
     np.testing.assert_array_equal(np.asarray(edited.params["b_enc"]), weights["b_enc"] + 1)
-    cfg = json.loads((folder / export.SAELENS_CFG).read_text())
-    (folder / export.SAELENS_CFG).write_text(json.dumps({**cfg, "architecture": "transcoder"}))
+    cfg = json.loads((folder / saelens.SAELENS_CFG).read_text())
+    (folder / saelens.SAELENS_CFG).write_text(json.dumps({**cfg, "architecture": "transcoder"}))
     with pytest.raises(ValueError, match="transcoder"):
-        export.load_saelens(folder)
+        saelens.load_saelens(folder)

@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae_jax import cli, harvest
+from sae_jax import cli
 from sae_jax.config import ConfigError
 from sae_jax.data import store as store_lib
 from sae_jax.data.store import StoreError
-from sae_jax.lm import function_source
+from sae_jax.lm import function_source, harvest
 from sae_jax.lm.tokenizer import from_tokenizer_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ CLI_SCRIPT = GUARD + "import sys\nfrom sae_jax import cli\nsys.exit(cli.main(sys
 KILL_SCRIPT = GUARD + """
 import sys, time
 from pathlib import Path
-from sae_jax import harvest
+from sae_jax.lm import harvest
 out, marker, kwargs = sys.argv[1], Path(sys.argv[2]), eval(sys.argv[3])
 calls = 0
 def on_batch(n):

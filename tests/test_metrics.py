@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae_jax import metrics as M
+from sae_jax.eval import metrics as M
 
 
 def test_l0_counts_nonzeros():

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from sae_jax import metrics
 from sae_jax.config import RECIPES, ConfigError, load_config, with_d_model
 from sae_jax.data.synthetic import SynthSpec, generate, ground_truth
+from sae_jax.eval import metrics
 from sae_jax.models import activations as act
 from sae_jax.models.sae import REGISTRY, make_sae, normalized_mse
 from sae_jax.train import step as step_lib

@@ -24,11 +24,11 @@ import pytest
 from clitools import ENV, ROOT, assert_no_traceback, cli, cli_error
 from safetensors.numpy import load_file
 
-from sae_jax import checkpoint, lock
 from sae_jax import config as config_lib
 from sae_jax.data.store import import_files
 from sae_jax.data.synthetic import SynthSpec, write_synthetic
-from sae_jax.train import loop
+from sae_jax.io import lock
+from sae_jax.train import checkpoint, loop
 
 
 @pytest.fixture(scope="module")

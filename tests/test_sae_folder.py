@@ -18,11 +18,14 @@ import pytest
 from clitools import ENV, ROOT, assert_no_traceback, cli, cli_error
 from safetensors.numpy import save_file
 
-from sae_jax import api, checkpoint, export
+from sae_jax import api
 from sae_jax import cli as cli_lib
 from sae_jax import config as config_lib
 from sae_jax.data.synthetic import SynthSpec, write_synthetic
+from sae_jax.io import sae_folder, saelens
 from sae_jax.models.sae import make_sae
+from sae_jax.train import checkpoint
+from sae_jax.train.init_from import initial_params
 
 D_MODEL, D_SAE = 16, 64
 
@@ -54,9 +57,9 @@ def truncate(path: Path, keep: int = 200) -> None:
 
 def as_version_1(folder: Path) -> None:
     """Rewrite sae.json as format 1 wrote it: no digest."""
-    doc = json.loads((folder / api.SPEC).read_text())
+    doc = json.loads((folder / sae_folder.SPEC).read_text())
     del doc["weights_sha256"]
-    (folder / api.SPEC).write_text(json.dumps({**doc, "format_version": 1}))
+    (folder / sae_folder.SPEC).write_text(json.dumps({**doc, "format_version": 1}))
 
 
 # --------------------------------------------------------------------------- (5) full disk while writing sae/
@@ -77,10 +80,11 @@ api.save(sys.argv[1] + "/sae", sae, sae.init(jax.random.key(0)), sae.init_stats(
 """
 INJECT_ENOSPC = """
 import errno, sys
-from sae_jax import api, cli
+from sae_jax import cli
+from sae_jax.io import sae_folder
 def full_disk(*a, **k):
     raise OSError(errno.ENOSPC, "No space left on device")
-api.save_file = full_disk
+sae_folder.save_file = full_disk
 sys.exit(cli.main(["train", *sys.argv[1:]]))
 """
 
@@ -126,12 +130,12 @@ def test_full_disk_while_saving_the_sae_exits_3_and_keeps_the_good_folder(store,
 def test_save_replaces_a_folder_whole_and_cleans_a_killed_save(tmp_path):
     folder = saved(tmp_path / "sae", d_sae=32)
     (tmp_path / ".sae.partial").mkdir()  # what a killed save leaves
-    (tmp_path / ".sae.partial" / api.SPEC).write_text("{}")
+    (tmp_path / ".sae.partial" / sae_folder.SPEC).write_text("{}")
     assert api.find_saes(tmp_path) == [folder]  # never taken for an SAE
     saved(folder, architecture="topk")
     assert api.load(folder).sae.name == "topk"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
-    assert sorted(p.name for p in folder.iterdir()) == [api.WEIGHTS, api.SPEC]
+    assert sorted(p.name for p in folder.iterdir()) == [sae_folder.WEIGHTS, sae_folder.SPEC]
     (tmp_path / "mine").mkdir()  # a folder of the user's own files is never replaced
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(ValueError, match=r"'.*mine' exists and holds notes.txt, not only a saved SAE"):
@@ -142,9 +146,9 @@ def test_save_replaces_a_folder_whole_and_cleans_a_killed_save(tmp_path):
 # --------------------------------------------------------------------------- (6) digest, damaged folders
 def test_digest_is_recorded_and_version_1_folders_still_load(tmp_path):
     folder = saved(tmp_path / "sae")
-    doc = json.loads((folder / api.SPEC).read_text())
-    assert doc["format_version"] == api.FORMAT_VERSION == 2
-    assert doc["weights_sha256"] == api.sha256_file(folder / api.WEIGHTS)
+    doc = json.loads((folder / sae_folder.SPEC).read_text())
+    assert doc["format_version"] == sae_folder.FORMAT_VERSION == 2
+    assert doc["weights_sha256"] == sae_folder.sha256_file(folder / sae_folder.WEIGHTS)
     expected = api.load(folder).params
     as_version_1(folder)
     back = api.load(folder)
@@ -154,27 +158,27 @@ def test_digest_is_recorded_and_version_1_folders_still_load(tmp_path):
 def damage(folder: Path, how: str) -> Path:
     """Damage an sae/ folder; the file that is damaged."""
     if how == "truncated weights":
-        truncate(folder / api.WEIGHTS)
-        return folder / api.WEIGHTS
+        truncate(folder / sae_folder.WEIGHTS)
+        return folder / sae_folder.WEIGHTS
     if how == "truncated weights, format 1":
         as_version_1(folder)
-        truncate(folder / api.WEIGHTS)
-        return folder / api.WEIGHTS
+        truncate(folder / sae_folder.WEIGHTS)
+        return folder / sae_folder.WEIGHTS
     if how == "flipped byte":
-        data = bytearray((folder / api.WEIGHTS).read_bytes())
+        data = bytearray((folder / sae_folder.WEIGHTS).read_bytes())
         data[-3] ^= 0xFF
-        (folder / api.WEIGHTS).write_bytes(bytes(data))
-        return folder / api.WEIGHTS
+        (folder / sae_folder.WEIGHTS).write_bytes(bytes(data))
+        return folder / sae_folder.WEIGHTS
     if how == "corrupt sae.json":
-        truncate(folder / api.SPEC, 40)
-        return folder / api.SPEC
+        truncate(folder / sae_folder.SPEC, 40)
+        return folder / sae_folder.SPEC
     if how == "unknown architecture":
-        doc = json.loads((folder / api.SPEC).read_text())
-        (folder / api.SPEC).write_text(json.dumps({**doc, "sae": {**doc["sae"], "architecture": "nope"}}))
-        return folder / api.SPEC
+        doc = json.loads((folder / sae_folder.SPEC).read_text())
+        (folder / sae_folder.SPEC).write_text(json.dumps({**doc, "sae": {**doc["sae"], "architecture": "nope"}}))
+        return folder / sae_folder.SPEC
     if how == "missing weights":
-        (folder / api.WEIGHTS).unlink()
-        return folder / api.WEIGHTS
+        (folder / sae_folder.WEIGHTS).unlink()
+        return folder / sae_folder.WEIGHTS
     raise AssertionError(how)
 
 
@@ -195,7 +199,7 @@ def test_damaged_folder_is_one_sentence_from_the_api(tmp_path, how):
         assert_says_resave(str(e.value), bad)
     sae, _, _ = make()
     with pytest.raises(api.SAEFileError) as e:  # model.init_from
-        api.initial_params(tmp_path / "run", sae, 1.0)
+        initial_params(tmp_path / "run", sae, 1.0)
     assert_says_resave(str(e.value), bad)
 
 
@@ -209,33 +213,33 @@ def test_a_sweep_member_without_weights_is_reported_not_skipped(tmp_path):
     sweep = tmp_path / "sweep"
     for name in ("a", "b"):
         saved(sweep / "members" / name / "sae")
-    (sweep / "members" / "b" / "sae" / api.WEIGHTS).unlink()
+    (sweep / "members" / "b" / "sae" / sae_folder.WEIGHTS).unlink()
     with pytest.raises(api.SAEFileError, match="params.safetensors' is missing"):
-        export.export_workdir(sweep, tmp_path / "out")
+        saelens.export_workdir(sweep, tmp_path / "out")
     assert api.load(sweep, member="a").sae.d_sae == D_SAE
 
 
 def test_damaged_folder_is_one_error_line_in_export_and_eval_lm(tmp_path):
     bad = damage(saved(tmp_path / "run" / "sae"), "truncated weights")
     assert_says_resave(cli_error("export", tmp_path / "run", "--out", tmp_path / "out"), bad)
-    assert not (tmp_path / "out" / export.SAELENS_CFG).exists()
+    assert not (tmp_path / "out" / saelens.SAELENS_CFG).exists()
     assert_says_resave(cli_error("eval-lm", tmp_path / "run", "--model", "none", "--corpus", "none"), bad)
 
 
 # --------------------------------------------------------------------------- (8) the Python API on bad input
 def lens_folder(root: Path, plain: bool = False) -> Path:
     """An exported SAELens folder; plain: without our sidecar (so it imports by SAELens semantics, cfg.json)."""
-    export.export_saelens(api.load(saved(root / "src" / "sae")), root / "lens")
+    saelens.export_saelens(api.load(saved(root / "src" / "sae")), root / "lens")
     if plain:
-        (root / "lens" / export.SIDECAR).unlink()
-        (root / "lens" / export.SIDECAR_WEIGHTS).unlink()
+        (root / "lens" / saelens.SIDECAR).unlink()
+        (root / "lens" / saelens.SIDECAR_WEIGHTS).unlink()
     return root / "lens"
 
 
 def edit_cfg(folder: Path, **fields) -> None:
-    cfg = json.loads((folder / export.SAELENS_CFG).read_text())
+    cfg = json.loads((folder / saelens.SAELENS_CFG).read_text())
     cfg = {k: v for k, v in {**cfg, **fields}.items() if v is not None}
-    (folder / export.SAELENS_CFG).write_text(json.dumps(cfg))
+    (folder / saelens.SAELENS_CFG).write_text(json.dumps(cfg))
 
 
 def bad_path(root: Path, name: str) -> Path:
@@ -252,7 +256,7 @@ def bad_path(root: Path, name: str) -> Path:
             (root / "notes.txt").write_text("x")
             return root / "notes.txt"
         case "the weights file":
-            return saved(root / "run" / "sae") / api.WEIGHTS
+            return saved(root / "run" / "sae") / sae_folder.WEIGHTS
         case "a store":
             return Path(write_synthetic(root / "store", SynthSpec(d_model=4, n_features=8, n_tokens=256, l0=2.0)).path)
         case "garbage npz":
@@ -267,18 +271,18 @@ def bad_path(root: Path, name: str) -> Path:
         case "npz that is not Gemma Scope":
             np.savez(root / "x.npz", a=np.zeros(3))
         case "sidecar not JSON":
-            (lens_folder(root) / export.SIDECAR).write_text("{")
+            (lens_folder(root) / saelens.SIDECAR).write_text("{")
         case "sidecar weights truncated":
-            truncate(lens_folder(root) / export.SIDECAR_WEIGHTS, 50)
+            truncate(lens_folder(root) / saelens.SIDECAR_WEIGHTS, 50)
         case "SAELens weights truncated":
-            truncate(lens_folder(root) / export.SAELENS_WEIGHTS)
+            truncate(lens_folder(root) / saelens.SAELENS_WEIGHTS)
         case "SAELens weights lack a tensor":
             save_file({"W_enc": np.zeros((D_MODEL, D_SAE), np.float32)},
-                      str(lens_folder(root, plain=True) / export.SAELENS_WEIGHTS))
+                      str(lens_folder(root, plain=True) / saelens.SAELENS_WEIGHTS))
         case "SAELens weights of the wrong shape":
             edit_cfg(lens_folder(root, plain=True), d_sae=2 * D_SAE)
         case "SAELens cfg.json not JSON" | "SAELens cfg.json a list":
-            (lens_folder(root, plain=True) / export.SAELENS_CFG).write_text("{oops" if "JSON" in name else "[1]")
+            (lens_folder(root, plain=True) / saelens.SAELENS_CFG).write_text("{oops" if "JSON" in name else "[1]")
         case "SAELens cfg.json without d_in":
             edit_cfg(lens_folder(root, plain=True), d_in=None)
         case "SAELens cfg.json d_sae a string":
@@ -299,9 +303,9 @@ BAD_PATHS = {  # name: (exception, words the message holds)
     "npz of strings": (ValueError, ["not a readable .npz"]),
     "npz of pickled objects": (ValueError, ["not a readable .npz"]),
     "npz that is not Gemma Scope": (ValueError, ["lacks W_enc"]),
-    "sidecar not JSON": (api.SAEFileError, [export.SIDECAR, "not valid JSON"]),
-    "sidecar weights truncated": (api.SAEFileError, [export.SIDECAR_WEIGHTS, "not a readable safetensors"]),
-    "SAELens weights truncated": (api.SAEFileError, [export.SAELENS_WEIGHTS, "not a readable safetensors"]),
+    "sidecar not JSON": (api.SAEFileError, [saelens.SIDECAR, "not valid JSON"]),
+    "sidecar weights truncated": (api.SAEFileError, [saelens.SIDECAR_WEIGHTS, "not a readable safetensors"]),
+    "SAELens weights truncated": (api.SAEFileError, [saelens.SAELENS_WEIGHTS, "not a readable safetensors"]),
     "SAELens weights lack a tensor": (ValueError, ["W_dec is missing"]),
     "SAELens weights of the wrong shape": (ValueError, ["W_enc is (16, 64) (expected (16, 128))"]),
     "SAELens cfg.json not JSON": (api.SAEFileError, ["cfg.json", "not valid JSON", "sae-jax export"]),
@@ -377,8 +381,8 @@ def test_saved_files_follow_the_umask(tmp_path, umask, mode):
     old = os.umask(umask)
     try:
         folder = saved(tmp_path / "run" / "sae")
-        export.export_workdir(tmp_path / "run", tmp_path / "lens")
-        export.import_sae(tmp_path / "lens", tmp_path / "imported")
+        saelens.export_workdir(tmp_path / "run", tmp_path / "lens")
+        api.import_sae(tmp_path / "lens", tmp_path / "imported")
         ckpts = checkpoint.Checkpoints(tmp_path / "ckpt", 1, 1)
         ckpts.save(1, {"w": jnp.ones(3)}, {"store": {}})
         ckpts.wait()
@@ -386,8 +390,9 @@ def test_saved_files_follow_the_umask(tmp_path, umask, mode):
     finally:
         os.umask(old)
     modes = file_modes(tmp_path)
-    for name in (f"run/sae/{api.WEIGHTS}", f"run/sae/{api.SPEC}", f"lens/{export.SAELENS_WEIGHTS}",
-                 f"lens/{export.SIDECAR_WEIGHTS}", f"lens/{export.SAELENS_CFG}", f"imported/sae/{api.WEIGHTS}"):
+    for name in (f"run/sae/{sae_folder.WEIGHTS}", f"run/sae/{sae_folder.SPEC}", f"lens/{saelens.SAELENS_WEIGHTS}",
+                 f"lens/{saelens.SIDECAR_WEIGHTS}", f"lens/{saelens.SAELENS_CFG}",
+                 f"imported/sae/{sae_folder.WEIGHTS}"):
         assert modes[name] == mode, (name, oct(modes[name]))
     assert {m for name, m in modes.items() if name.startswith("ckpt/")} == {mode}
     assert folder.stat().st_mode & 0o777 == 0o777 & ~umask

@@ -202,7 +202,8 @@ def test_compile_check_memory_agrees_with_what_the_step_uses(tmp_path):
 
 
 def test_compile_check_cli_on_a_mesh_larger_than_this_process(tmp_path, capsys):
-    from sae_jax import aot, cli
+    from sae_jax import cli
+    from sae_jax.train import aot
 
     config = tmp_path / "c.yaml"
     config.write_text("model: {architecture: topk, d_model: 32, d_sae: 1024, k: 8}\ntrain: {batch_size: 256}\n")
@@ -322,7 +323,7 @@ def measure_memory(out: str) -> None:
     """
     import gc
 
-    from sae_jax import aot
+    from sae_jax.train import aot
     from sae_jax.train.state import init_state
 
     cfg = aot._resolve_d_model(config_lib.load_config(None, MEMORY_CASE))

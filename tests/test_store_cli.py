@@ -20,6 +20,7 @@ from clitools import assert_no_traceback, cli, cli_error, cli_start
 from sae_jax import api
 from sae_jax import config as config_lib
 from sae_jax.data import store as store_lib
+from sae_jax.io import sae_folder
 from sae_jax.models.sae import make_sae
 
 # 20 shards of 32768 rows, written in about 3 s: long enough to be killed after the first ones.
@@ -154,7 +155,7 @@ def saved_sae(root: Path, d_model: int = 16) -> Path:
     sae = make_sae(cfg.model, cfg.sparsity.penalty)
     params = sae.init(jax.random.key(0), jnp.ones((8, d_model), jnp.float32))
     stats = {k: np.asarray(v) for k, v in sae.init_stats().items()}
-    api.save(root / api.SAE_DIR, sae, {k: np.asarray(v) for k, v in params.items()}, stats, {"norm_scale": 1.0})
+    api.save(root / sae_folder.SAE_DIR, sae, {k: np.asarray(v) for k, v in params.items()}, stats, {"norm_scale": 1.0})
     return root
 
 

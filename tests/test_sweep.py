@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sae_jax import api, cli, report
+from sae_jax import api, cli
 from sae_jax import config as config_lib
-from sae_jax import sweep as sweep_lib
+from sae_jax.eval import report
 from sae_jax.train import stacked
+from sae_jax.train import sweep as sweep_lib
 from sae_jax.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +199,8 @@ def test_two_process_sweep_with_members_on_different_processes(small_store, tmp_
 SHARDED = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
-    from sae_jax import config as C, api, sweep as S
+    from sae_jax import config as C, api
+    from sae_jax.train import sweep as S
     from sae_jax.train import stacked
     store, root = sys.argv[1], sys.argv[2]
     params, specs = {}, {}

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sae_jax import checkpoint
 from sae_jax.data.synthetic import SynthSpec, write_synthetic
+from sae_jax.train import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 160, 40

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sae_jax import metrics
+from sae_jax.eval import metrics
 from sae_jax.models import activations as act
 from sae_jax.models import init as init_lib
 

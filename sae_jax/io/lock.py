@@ -185,7 +185,9 @@ def hold(workdir: str | Path, command: str, name: str = LOCK_FILE) -> WorkdirLoc
     """
     import jax
 
-    lock = WorkdirLock(workdir, command, enabled=jax.process_index() == 0, name=name)
+    from sae_jax.sharding import is_main
+
+    lock = WorkdirLock(workdir, command, enabled=is_main(), name=name)
     error = ""
     try:
         lock.acquire()

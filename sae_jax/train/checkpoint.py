@@ -49,6 +49,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from sae_jax import config as config_lib
+from sae_jax.sharding import is_main
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -212,13 +213,9 @@ def checkpoint_dir(cfg: config_lib.Config) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.train.workdir) / CHECKPOINT_DIR
 
 
-def _is_main() -> bool:
-    return jax.process_index() == 0
-
-
 def say(message: str) -> None:
     """A one-line note on stderr from process 0."""
-    if _is_main():
+    if is_main():
         print(f"checkpoint: {message}", file=sys.stderr, flush=True)
 
 
@@ -276,7 +273,7 @@ class Checkpoints:
         self._failed = False
 
     def _clear(self) -> None:
-        if _is_main():  # the directory's contents, not itself: it may be a mount point; quarantined steps stay
+        if is_main():  # the directory's contents, not itself: it may be a mount point; quarantined steps stay
             for path in self.directory.glob("*"):
                 if path.is_dir():
                     shutil.rmtree(path)
@@ -373,7 +370,7 @@ class Checkpoints:
         """Report an unusable step and move it aside, so the run can save that step again."""
         say(f"step {step} in {self.directory} is unusable: {why}; moved it to {self.quarantine_dir}, trying the "
             "previous checkpoint.")
-        if _is_main():
+        if is_main():
             self.quarantine_dir.mkdir(parents=True, exist_ok=True)
             target = self.quarantine_dir / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
             shutil.move(str(self.directory / str(step)), target)

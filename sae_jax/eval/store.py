@@ -7,8 +7,8 @@ from collections.abc import Iterable
 import jax
 import numpy as np
 
-from sae_jax import metrics
-from sae_jax.api import TrainedSAE
+from sae_jax.eval import metrics
+from sae_jax.io.sae_folder import TrainedSAE
 
 
 def evaluate(model: TrainedSAE, batches: Iterable[np.ndarray], ground_truth: np.ndarray | None = None) -> dict:

@@ -246,7 +246,7 @@ def _report_in_subprocess(cfg: config_lib.Config, n_devices: int) -> StepReport:
         config_lib.save_config(cfg, cfg_path)
         flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n_devices}".strip()
         env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-        result = subprocess.run([sys.executable, "-m", "sae_jax.aot", str(cfg_path), str(out)], env=env,
+        result = subprocess.run([sys.executable, "-m", "sae_jax.train.aot", str(cfg_path), str(out)], env=env,
                                 capture_output=True, text=True)
         if result.returncode:
             raise RuntimeError(f"compile-check on {n_devices} fake CPU devices failed:\n{result.stderr[-3000:]}")

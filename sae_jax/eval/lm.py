@@ -37,8 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from sae_jax import api, harvest
 from sae_jax.data import store as store_lib
+from sae_jax.io import sae_folder
+from sae_jax.lm import harvest
 
 FIT_ROWS = 32768
 DEFAULT_CONTEXTS = 32
@@ -159,7 +160,7 @@ class Target:
 
     name: str
     """Its name in the work directory (the run's, or members/NAME)."""
-    model: api.TrainedSAE
+    model: sae_folder.TrainedSAE
     """The loaded SAE (raw-activation parameters)."""
     store: store_lib.Store | None
     """Its training store, when found."""
@@ -170,17 +171,18 @@ class Target:
 def find_targets(workdir: str | Path, data: str | None = None) -> list[Target]:
     """Every SAE under ``workdir`` (``sae/``, ``members/*/sae``) with its training store (or ``data``)."""
     workdir = Path(workdir)
-    folders = api.find_saes(workdir)
+    folders = sae_folder.find_saes(workdir)
     if not folders:
-        raise FileNotFoundError(f"'{workdir}' holds no trained SAE ({api.SAE_DIR}/{api.SPEC}); train one with "
-                                "`sae-jax train` or `sae-jax sweep`.")
+        raise FileNotFoundError(f"'{workdir}' holds no trained SAE ({sae_folder.SAE_DIR}/{sae_folder.SPEC}); train "
+                                "one with `sae-jax train` or `sae-jax sweep`.")
     targets = []
     for folder in folders:
-        run = folder.parent if folder.name == api.SAE_DIR else folder
+        run = folder.parent if folder.name == sae_folder.SAE_DIR else folder
         cfg = _run_data_config(run, workdir)
         path = data or cfg.get("store") or ""
         store = _open_store(path, run, workdir) if path else None
-        targets.append(Target(api.member_name(workdir, folder), api.load(folder), store, cfg.get("site") or None))
+        targets.append(Target(sae_folder.member_name(workdir, folder), sae_folder.load_folder(folder), store,
+                              cfg.get("site") or None))
     return targets
 
 
@@ -222,7 +224,7 @@ def kept_activations(source, hook: str, contexts: np.ndarray, keep: np.ndarray, 
         keep[s:s + batch_size]] for s in range(0, len(contexts), batch_size)])
 
 
-def sae_stats(model: api.TrainedSAE, acts: np.ndarray) -> dict[str, float]:
+def sae_stats(model: sae_folder.TrainedSAE, acts: np.ndarray) -> dict[str, float]:
     """Mean L0 and FVU of an SAE on activation rows [n, d]."""
     f = np.asarray(model.encode(acts))
     x_hat = np.asarray(model.decode(f))
@@ -245,7 +247,7 @@ def evaluate_hook(source, hook: str, targets: Sequence[Target], contexts: np.nda
     return {t.name: _summary(t, hook, stats[t.name], ks[t.name], losses, pca) for t in targets}
 
 
-def _reconstructor(model: api.TrainedSAE) -> SpliceFn:
+def _reconstructor(model: sae_folder.TrainedSAE) -> SpliceFn:
     return lambda x: model.reconstruct(jnp.asarray(x, jnp.float32))
 
 

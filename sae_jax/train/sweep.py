@@ -14,7 +14,7 @@ Work directory::
     WORKDIR/sweep.json                   the grid, every member's point and the groups
     WORKDIR/members/NAME/                a single run's work directory: config.yaml,
                                          metrics.jsonl, summary.json, sae/
-    WORKDIR/sweep_summary.{csv,json}     the report over every finished member (sae_jax.report)
+    WORKDIR/sweep_summary.{csv,json}     the report over every finished member (sae_jax.eval.report)
     WORKDIR/pareto.png
 
 A member starts from the key a single run with its seed uses (``jax.random.key(seed)``) and
@@ -43,8 +43,8 @@ from typing import Any
 import yaml
 
 from sae_jax import config as config_lib
-from sae_jax import report
 from sae_jax.config import Config, ConfigError
+from sae_jax.eval import report
 from sae_jax.train import loop, stacked
 from sae_jax.train.loop import Member
 

@@ -1,4 +1,4 @@
-"""Portable per-SAE folders: export to SAELens, import from SAELens and Gemma Scope.
+"""SAELens folders: export ours to SAELens, import SAELens ones (Gemma Scope files: ``gemma_scope``).
 
 SAELens (>= 6.0, ``SAE.load_from_disk``) reads a folder holding ``cfg.json`` (architecture,
 d_in, d_sae, dtype, device, apply_b_dec_to_input, normalize_activations, reshape_activations,
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import warnings
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError
 
-from sae_jax import api
 from sae_jax import config as config_lib
+from sae_jax.io import sae_folder
 from sae_jax.models.sae import SAE, Params, Stats, make_sae
 
 SAELENS_CFG = "cfg.json"
@@ -61,9 +60,6 @@ SAELENS_FORMAT = "6.0.0"
 SIDECAR_VERSION = 1
 UNIT_NORM_ATOL = 1e-4
 """Decoder rows within this of norm 1 count as unit-norm (for the imported penalty choice)."""
-GEMMA_SCOPE_KEYS = {"W_enc": ("d_model", "d_sae"), "W_dec": ("d_sae", "d_model"), "b_enc": ("d_sae",),
-                    "b_dec": ("d_model",), "threshold": ("d_sae",)}
-"""The arrays of a Gemma Scope ``params.npz`` (JumpReLU, arXiv 2408.05147) and their shapes."""
 IMPORTABLE = ("standard", "gated", "jumprelu", "topk")
 BASE = ("W_enc", "b_enc", "W_dec", "b_dec")
 GATED = ("W_enc", "b_gate", "b_mag", "r_mag", "W_dec", "b_dec")
@@ -253,7 +249,7 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
     except (OSError, SafetensorError) as e:
         tmp.unlink(missing_ok=True)
-        raise api.SaveError(path.parent, api.reason(e)) from e
+        raise sae_folder.SaveError(path.parent, sae_folder.reason(e)) from e
     tmp.replace(path)
 
 
@@ -274,7 +270,7 @@ def saelens_cfg(sae: SAE, arch: str, extra: dict, metadata: dict) -> dict:
             "reshape_activations": "none", **extra, "metadata": meta}
 
 
-def export_saelens(model: api.TrainedSAE, out: str | Path, metadata: dict | None = None) -> Exported:
+def export_saelens(model: sae_folder.TrainedSAE, out: str | Path, metadata: dict | None = None) -> Exported:
     """Write ``model`` as a SAELens folder (plus our sidecar files) at ``out``.
 
     ``metadata`` goes into cfg.json's metadata (e.g. model_name, hook_name for Neuronpedia).
@@ -290,11 +286,11 @@ def export_saelens(model: api.TrainedSAE, out: str | Path, metadata: dict | None
     exact = {f"params.{k}": v for k, v in params.items() if not _same_bits(np.asarray(v), back[k])}
     exact |= {f"stats.{k}": v for k, v in stats.items()}
     weights = out / SAELENS_WEIGHTS
-    _write_atomic(weights, lambda p: api.write_safetensors(tensors, p))
-    _write_atomic(out / SIDECAR_WEIGHTS, lambda p: api.write_safetensors(
+    _write_atomic(weights, lambda p: sae_folder.write_safetensors(tensors, p))
+    _write_atomic(out / SIDECAR_WEIGHTS, lambda p: sae_folder.write_safetensors(
         {k: np.array(v, order="C") for k, v in exact.items()}, p))
-    side = {"format": "sae_jax.saelens_sidecar", "format_version": SIDECAR_VERSION, "sae": api.sae_spec(sae),
-            "meta": model.meta, "saelens_architecture": arch, "saelens_weights_sha256": api.sha256_file(weights),
+    side = {"format": "sae_jax.saelens_sidecar", "format_version": SIDECAR_VERSION, "sae": sae_folder.sae_spec(sae),
+            "meta": model.meta, "saelens_architecture": arch, "saelens_weights_sha256": sae_folder.sha256_file(weights),
             "exact": sorted(exact), "notes": notes}
     _write_atomic(out / SIDECAR, lambda p: p.write_text(json.dumps(side, indent=2)))
     cfg = saelens_cfg(sae, arch, extra, metadata or {})
@@ -308,15 +304,15 @@ def export_workdir(src: str | Path, out: str | Path, metadata: dict | None = Non
     One SAE goes to ``out`` itself; several go to ``out/<path relative to src>``.
     """
     src = Path(src)
-    found = api.find_saes(src)
+    found = sae_folder.find_saes(src)
     if not found:
         raise FileNotFoundError(f"'{src}' holds no trained SAE (sae/sae.json); pass a work directory of "
                                 "`sae-jax train` or `sae-jax sweep`.")
     results = []
     for folder in found:
-        rel = api.member_name(src, folder)
+        rel = sae_folder.member_name(src, folder)
         dest = Path(out) if len(found) == 1 else Path(out) / rel
-        results.append(export_saelens(api.load(folder), dest, metadata))
+        results.append(export_saelens(sae_folder.load_folder(folder), dest, metadata))
     return results
 
 
@@ -333,36 +329,36 @@ def _read_sidecar(folder: Path) -> dict | None:
     """Our sidecar, if present and written for the SAELens weights now in the folder."""
     if not (folder / SIDECAR).is_file() or not (folder / SIDECAR_WEIGHTS).is_file():
         return None
-    side = api.read_json(folder / SIDECAR, f"delete it and {SIDECAR_WEIGHTS} to import the folder by SAELens "
+    side = sae_folder.read_json(folder / SIDECAR, f"delete it and {SIDECAR_WEIGHTS} to import the folder by SAELens "
                          f"semantics, or {REEXPORT}")
-    if side.get("saelens_weights_sha256") != api.sha256_file(folder / SAELENS_WEIGHTS):
+    if side.get("saelens_weights_sha256") != sae_folder.sha256_file(folder / SAELENS_WEIGHTS):
         warnings.warn(f"{folder}/{SAELENS_WEIGHTS} changed since sae_jax exported it; importing it as a plain "
                       f"SAELens folder and ignoring {SIDECAR}.", stacklevel=3)
         return None
     return side
 
 
-def load_saelens(folder: str | Path) -> api.TrainedSAE:
+def load_saelens(folder: str | Path) -> sae_folder.TrainedSAE:
     """A SAELens folder as a TrainedSAE: bit-exact when our sidecar matches, else by SAELens semantics."""
     folder = Path(folder)
     if not is_saelens_folder(folder):
         raise FileNotFoundError(f"'{folder}' is not a SAELens folder: it needs {SAELENS_CFG} and {SAELENS_WEIGHTS}.")
-    tensors = _f32(api.read_safetensors(folder / SAELENS_WEIGHTS, REEXPORT))
+    tensors = _f32(sae_folder.read_safetensors(folder / SAELENS_WEIGHTS, REEXPORT))
     side = _read_sidecar(folder)
     if side is None:
-        cfg = api.read_json(folder / SAELENS_CFG, REEXPORT)
-        return _foreign(cfg, tensors, str(folder), {"imported_from": str(folder), "format": "saelens"})
-    sae = api.spec_sae(side.get("sae"), folder / SIDECAR, REEXPORT)
+        cfg = sae_folder.read_json(folder / SAELENS_CFG, REEXPORT)
+        return from_saelens(cfg, tensors, str(folder), {"imported_from": str(folder), "format": "saelens"})
+    sae = sae_folder.spec_sae(side.get("sae"), folder / SIDECAR, REEXPORT)
     params, stats = params_from_saelens(sae, tensors)
-    for key, value in api.read_safetensors(folder / SIDECAR_WEIGHTS, REEXPORT).items():
+    for key, value in sae_folder.read_safetensors(folder / SIDECAR_WEIGHTS, REEXPORT).items():
         kind, name = key.split(".", 1)
         (params if kind == "params" else stats)[name] = value
     _check_shapes(sae, params, str(folder))
     return _trained(sae, params, stats, side.get("meta", {}))
 
 
-def _trained(sae: SAE, params: Arrays, stats: Arrays, meta: dict) -> api.TrainedSAE:
-    return api.TrainedSAE(sae, {k: jnp.asarray(v) for k, v in params.items()},
+def _trained(sae: SAE, params: Arrays, stats: Arrays, meta: dict) -> sae_folder.TrainedSAE:
+    return sae_folder.TrainedSAE(sae, {k: jnp.asarray(v) for k, v in params.items()},
                           {k: jnp.asarray(v) for k, v in stats.items()}, meta)
 
 
@@ -402,7 +398,7 @@ def recipe_sae(architecture: str, overrides: list[str]) -> SAE:
     return make_sae(cfg.model, cfg.sparsity.penalty, cfg.train.dead_tokens)
 
 
-def _foreign(cfg: dict, tensors: Arrays, where: str, meta: dict) -> api.TrainedSAE:
+def from_saelens(cfg: dict, tensors: Arrays, where: str, meta: dict) -> sae_folder.TrainedSAE:
     """Import SAELens weights with SAELens's inference semantics (no sidecar)."""
     arch, cfg = _saelens_architecture(cfg, where)
     tensors, notes = _legacy_tensors(tensors, where)
@@ -448,42 +444,6 @@ def _check_saelens_tensors(tensors: Arrays, arch: str, d: int, m: int, where: st
                          f"{'; '.join(bad)}; {REEXPORT}.")
 
 
-def load_gemma_scope(path: str | Path) -> api.TrainedSAE:
-    """A Gemma Scope ``params.npz`` (JumpReLU; W_enc, W_dec, b_enc, b_dec, threshold) as a TrainedSAE.
-
-    Gemma Scope's encoder does not subtract b_dec (apply_b_dec_to_input = false; SAELens
-    ``get_gemma_2_config_from_hf``); f = pre * H(pre - threshold), pre = x W_enc + b_enc.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Gemma Scope file '{path}' does not exist.")
-    arrays = _read_npz(path)
-    missing = [k for k in GEMMA_SCOPE_KEYS if k not in arrays]
-    if missing:
-        raise ValueError(f"'{path}' lacks {', '.join(missing)}; a Gemma Scope params.npz holds W_enc [d_model, d_sae], "
-                         "W_dec [d_sae, d_model], b_enc [d_sae], b_dec [d_model] and threshold [d_sae].")
-    d, m = arrays["W_enc"].shape if arrays["W_enc"].ndim == 2 else (0, 0)
-    dims = {"d_model": d, "d_sae": m}
-    for key, names in GEMMA_SCOPE_KEYS.items():
-        want = tuple(dims[n] for n in names)
-        if arrays[key].shape != want:
-            raise ValueError(f"'{path}': {key} has shape {arrays[key].shape}, expected {want} ({', '.join(names)}).")
-    cfg = {"architecture": "jumprelu", "d_in": d, "d_sae": m, "apply_b_dec_to_input": False}
-    return _foreign(cfg, arrays, str(path), {"imported_from": str(path), "format": "gemma_scope"})
-
-
-def _read_npz(path: Path) -> Arrays:
-    """The arrays of a .npz as float32 (w_* renamed W_*); ValueError naming the file if it is not such a file."""
-    fix = "pass a Gemma Scope params.npz (W_enc, W_dec, b_enc, b_dec, threshold as float arrays)"
-    try:
-        with np.load(path) as data:
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise ValueError("it holds one array, not named arrays")
-            return {("W_" + k[2:] if k.startswith("w_") else k): np.asarray(data[k], np.float32) for k in data.files}
-    except (OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"'{path}' is not a readable .npz of float arrays ({e}); {fix}.") from None
-
-
 SPEC_TO_CONFIG = {
     "d_model": "model.d_model", "d_sae": "model.d_sae", "penalty": "sparsity.penalty",
     "init_decoder_norm": "model.init_decoder_norm", "init_b_dec": "model.init_b_dec",
@@ -498,7 +458,7 @@ SPEC_TO_CONFIG = {
 def config_for(sae: SAE, init_from: str | Path, workdir: str | Path) -> config_lib.Config:
     """A resolved config whose ``make_sae`` gives ``sae`` back, starting from ``init_from``."""
     tree: dict = {}
-    for name, value in api.sae_spec(sae).items():
+    for name, value in sae_folder.sae_spec(sae).items():
         if name == "architecture":
             config_lib.set_path(tree, "model.architecture", value)
         elif name in SPEC_TO_CONFIG:
@@ -506,21 +466,3 @@ def config_for(sae: SAE, init_from: str | Path, workdir: str | Path) -> config_l
     config_lib.set_path(tree, "model.init_from", str(init_from))
     config_lib.set_path(tree, "train.workdir", str(workdir))
     return config_lib.resolve(config_lib.from_dict(tree))
-
-
-def import_sae(src: str | Path, out: str | Path, member: str | None = None) -> tuple[Path, api.TrainedSAE]:
-    """Import a SAELens folder, a Gemma Scope params.npz (or one of our SAEs) into work directory ``out``.
-
-    Writes ``out/sae/`` (so ``eval`` and ``api.load`` read it) and ``out/config.yaml`` with
-    ``model.init_from = out/sae``, so ``sae-jax train out/config.yaml data.store=...`` continues
-    training it. Returns the sae/ folder and the loaded SAE.
-    """
-    out = Path(out)
-    if (out / api.SAE_DIR).exists() or (out / "config.yaml").exists():
-        raise ValueError(f"'{out}' already holds a work directory (sae/ or config.yaml); choose a new --out "
-                         "directory or remove it.")
-    model = api.load(src, member=member)
-    folder = api.save(out / api.SAE_DIR, model.sae, model.params, model.stats, model.meta)
-    cfg = config_for(model.sae, folder.resolve(), out)
-    config_lib.save_config(cfg, out / "config.yaml")
-    return folder, model
