@@ -38,7 +38,7 @@ import numpy as np
 import yaml
 
 from sae_jax.data import store as store_lib
-from sae_jax.io import sae_folder
+from sae_jax.io import layout, sae_folder
 from sae_jax.lm import harvest
 
 FIT_ROWS = 32768
@@ -187,7 +187,7 @@ def find_targets(workdir: str | Path, data: str | None = None) -> list[Target]:
 
 
 def _run_data_config(run: Path, workdir: Path) -> dict:
-    for path in (run / "config.yaml", workdir / "config.yaml"):
+    for path in (run / layout.CONFIG, workdir / layout.CONFIG):
         if path.is_file():
             return (yaml.safe_load(path.read_text()) or {}).get("data", {}) or {}
     return {}

@@ -20,14 +20,16 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-CSV_FILE, JSON_FILE, PLOT_FILE = "sweep_summary.csv", "sweep_summary.json", "pareto.png"
+from sae_jax.io import layout
+from sae_jax.io.layout import atomic_write
+
+CSV_FILE, JSON_FILE, PLOT_FILE = layout.REPORT_CSV, layout.REPORT_JSON, layout.PARETO
 HPARAMS = ("architecture", "d_sae", "k", "penalty", "coefficient", "lr")
 _HPARAM_KEYS = ("model.architecture", "model.d_sae", "model.k", "sparsity.penalty", "sparsity.coefficient",
                 "optim.lr")
@@ -42,11 +44,11 @@ def find_runs(dirs: Iterable[str | Path]) -> list[Path]:
     """Finished run directories under ``dirs``: each a single run's or a sweep's members."""
     runs: list[Path] = []
     for d in map(Path, dirs):
-        if (d / "summary.json").is_file():
+        if (d / layout.SUMMARY).is_file():
             found = [d]
         else:
-            members = d / "members"
-            found = sorted(p for p in members.iterdir() if (p / "summary.json").is_file()) if members.is_dir() else []
+            members = d / layout.MEMBERS
+            found = sorted(p for p in members.iterdir() if (p / layout.SUMMARY).is_file()) if members.is_dir() else []
         if not found:
             raise FileNotFoundError(f"'{d}' holds no finished run (summary.json) and no finished sweep member "
                                     "(members/*/summary.json); pass work directories of `sae-jax train` or "
@@ -67,10 +69,10 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def _read_run(path: Path) -> tuple[dict, dict]:
     """(flattened config, summary) of a finished run."""
-    cfg_path = path / "config.yaml"
+    cfg_path = path / layout.CONFIG
     if not cfg_path.is_file():
         raise FileNotFoundError(f"'{path}' has summary.json but no config.yaml; it is not a sae-jax work directory.")
-    return _flat(yaml.safe_load(cfg_path.read_text()) or {}), json.loads((path / "summary.json").read_text())
+    return _flat(yaml.safe_load(cfg_path.read_text()) or {}), json.loads((path / layout.SUMMARY).read_text())
 
 
 def collect(dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
@@ -95,7 +97,7 @@ def collect(dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
 
 def _name(path: Path) -> str:
     """'SWEEPDIR/NAME' for a sweep member, the directory name for a single run."""
-    return f"{path.parent.parent.name}/{path.name}" if path.parent.name == "members" else path.name
+    return f"{path.parent.parent.name}/{path.name}" if path.parent.name == layout.MEMBERS else path.name
 
 
 def varied_keys(configs: list[dict[str, Any]]) -> list[str]:
@@ -126,13 +128,6 @@ def _finite(v) -> bool:
 
 
 # --------------------------------------------------------------------------- files
-def atomic_write(path: Path, text: str | bytes) -> None:
-    """Write via a temporary file and rename, so concurrent jobs never leave half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(text.encode() if isinstance(text, str) else text)
-    tmp.replace(path)
-
-
 def to_csv(rows: list[dict[str, Any]]) -> str:
     """The rows as CSV (union of the columns, in first-seen order; empty cells for missing values)."""
     columns = list(dict.fromkeys(k for r in rows for k in r))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sae_jax import config as config_lib
-from sae_jax.io import gemma_scope, sae_folder, saelens
+from sae_jax.io import gemma_scope, layout, sae_folder, saelens
 from sae_jax.io.sae_folder import SAE_DIR, SPEC, WEIGHTS, TrainedSAE
 
 
@@ -66,8 +66,8 @@ def _check_path(path: Path) -> None:
         raise FileNotFoundError(f"'{path}' does not exist; pass {where}.")
     if path.is_file() and path.suffix != ".npz":
         raise ValueError(f"'{path}' is a file, not an SAE; pass its folder '{path.parent}' or {where}.")
-    store_meta = path / "metadata.json"
-    if store_meta.is_file() and "sae_jax.activation_store" in store_meta.read_text(errors="replace"):
+    store_meta = path / layout.STORE_METADATA
+    if store_meta.is_file() and layout.STORE_FORMAT in store_meta.read_text(errors="replace"):
         raise ValueError(f"'{path}' is an activation store, not a trained SAE; pass {where}.")
 
 
@@ -79,11 +79,11 @@ def import_sae(src: str | Path, out: str | Path, member: str | None = None) -> t
     training it. Returns the sae/ folder and the loaded SAE.
     """
     out = Path(out)
-    if (out / SAE_DIR).exists() or (out / "config.yaml").exists():
+    if (out / SAE_DIR).exists() or (out / layout.CONFIG).exists():
         raise ValueError(f"'{out}' already holds a work directory (sae/ or config.yaml); choose a new --out "
                          "directory or remove it.")
     model = load(src, member=member)
     folder = sae_folder.save(out / SAE_DIR, model.sae, model.params, model.stats, model.meta)
     cfg = saelens.config_for(model.sae, folder.resolve(), out)
-    config_lib.save_config(cfg, out / "config.yaml")
+    config_lib.save_config(cfg, out / layout.CONFIG)
     return folder, model

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-LOCK_FILE = ".lock"
+from sae_jax.io import layout
+
+LOCK_FILE = layout.LOCK
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
 """A lock held from another host whose heartbeat is older than this is stale (ten missed beats)."""

@@ -24,12 +24,10 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from sae_jax.data.store import fsync
+from sae_jax.io import layout
+from sae_jax.io.layout import SAE_DIR, SPEC, WEIGHTS, atomic_write, fsync
 from sae_jax.models.sae import REGISTRY, SAE, Params, Stats
 
-SAE_DIR = "sae"
-WEIGHTS = "params.safetensors"
-SPEC = "sae.json"
 FORMAT_VERSION = 2
 """2: sae.json records the SHA-256 of params.safetensors (``weights_sha256``), checked on load; 1 had none."""
 RESAVE = ("re-save it by running `sae-jax train` again on its work directory (it resumes from the checkpoints "
@@ -135,7 +133,7 @@ def save(folder: str | Path, sae: SAE, params: Params, stats: Stats, meta: dict 
     """
     folder = Path(folder)
     _check_replaceable(folder)
-    partial = folder.with_name(f".{folder.name}.partial")
+    partial = folder.with_name(f".{folder.name}{layout.PARTIAL_SUFFIX}")
     shutil.rmtree(partial, ignore_errors=True)  # left by a killed save
     try:
         _write_folder(partial, sae, params, stats, meta)
@@ -159,17 +157,15 @@ def _write_folder(folder: Path, sae: SAE, params: Params, stats: Stats, meta: di
     folder.mkdir(parents=True)
     tensors = {f"params.{k}": np.asarray(v) for k, v in params.items()}
     tensors |= {f"stats.{k}": np.asarray(v) for k, v in stats.items()}
-    write_safetensors(tensors, folder / WEIGHTS)
+    atomic_write(folder / WEIGHTS, lambda path: write_safetensors(tensors, path))
     doc = {"format_version": FORMAT_VERSION, "sae": sae_spec(sae), "meta": meta or {},
            "weights_sha256": sha256_file(folder / WEIGHTS)}
-    (folder / SPEC).write_text(json.dumps(doc, indent=2))
-    for path in (folder / SPEC, folder):
-        fsync(path)
+    atomic_write(folder / SPEC, json.dumps(doc, indent=2))
 
 
 def _replace_dir(new: Path, folder: Path) -> None:
     """Rename ``new`` to ``folder``; an existing ``folder`` is moved aside first and deleted after."""
-    old = folder.with_name(f".{folder.name}.old")
+    old = folder.with_name(f".{folder.name}{layout.OLD_SUFFIX}")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         folder.rename(old)
@@ -179,10 +175,10 @@ def _replace_dir(new: Path, folder: Path) -> None:
 
 
 def write_safetensors(tensors: dict, path: Path) -> None:
-    """``save_file``, fsynced, with the mode ``open()`` gives (0666 & ~umask; safetensors itself makes 0600)."""
+    """``save_file`` with the mode ``open()`` gives (0666 & ~umask; safetensors itself makes 0600). Not atomic
+    by itself: it is the writer ``layout.atomic_write`` is given (which fsyncs and renames)."""
     save_file(tensors, str(path))
     os.chmod(path, 0o666 & ~_umask())
-    fsync(path)
 
 
 def _umask() -> int:

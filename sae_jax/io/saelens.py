@@ -48,7 +48,7 @@ import numpy as np
 from safetensors import SafetensorError
 
 from sae_jax import config as config_lib
-from sae_jax.io import sae_folder
+from sae_jax.io import layout, sae_folder
 from sae_jax.models.sae import SAE, Params, Stats, make_sae
 
 SAELENS_CFG = "cfg.json"
@@ -242,15 +242,12 @@ def _check_shapes(sae: SAE, params: Arrays, where: str) -> None:
 
 
 # --------------------------------------------------------------------------- export
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` to a temporary sibling, then rename it to ``path``; SaveError (and no file) if it fails."""
-    tmp = path.with_name(path.name + ".tmp")
+def _write_atomic(path: Path, data: str | Callable[[Path], None]) -> None:
+    """``layout.atomic_write`` of ``path``; SaveError (and no file) if it fails."""
     try:
-        write(tmp)
+        layout.atomic_write(path, data)
     except (OSError, SafetensorError) as e:
-        tmp.unlink(missing_ok=True)
         raise sae_folder.SaveError(path.parent, sae_folder.reason(e)) from e
-    tmp.replace(path)
 
 
 def _warn_negative_thresholds(tensors: Arrays, where: str) -> None:
@@ -292,9 +289,9 @@ def export_saelens(model: sae_folder.TrainedSAE, out: str | Path, metadata: dict
     side = {"format": "sae_jax.saelens_sidecar", "format_version": SIDECAR_VERSION, "sae": sae_folder.sae_spec(sae),
             "meta": model.meta, "saelens_architecture": arch, "saelens_weights_sha256": sae_folder.sha256_file(weights),
             "exact": sorted(exact), "notes": notes}
-    _write_atomic(out / SIDECAR, lambda p: p.write_text(json.dumps(side, indent=2)))
+    _write_atomic(out / SIDECAR, json.dumps(side, indent=2))
     cfg = saelens_cfg(sae, arch, extra, metadata or {})
-    _write_atomic(out / SAELENS_CFG, lambda p: p.write_text(json.dumps(cfg, indent=2)))
+    _write_atomic(out / SAELENS_CFG, json.dumps(cfg, indent=2))
     return Exported(out, sae.name, arch, sorted(exact), notes)
 
 

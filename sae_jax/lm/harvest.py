@@ -45,9 +45,8 @@ import numpy as np
 
 from sae_jax.data import store as store_lib
 from sae_jax.data.store import StoreError
+from sae_jax.io.layout import HARVEST_CONTEXT, HARVEST_CONTEXTS, HARVEST_POSITION, HARVEST_TOKENS, PARTS_SUFFIX
 
-EXTRA_FILES = ("tokens.npy", "context.npy", "position.npy", "contexts.npy")
-PARTS_SUFFIX = ".parts"
 DEFAULT_BUFFER_CONTEXTS = 256
 TOKENIZE_GROUP = 64  # documents tokenized per call (encode_batch runs them in parallel)
 
@@ -279,8 +278,8 @@ class Plan:
         order = [self.buffer_order(b) for b in (range(self.n_buffers) if buffers is None else buffers)]
         ci = np.concatenate([c for c, _ in order]) if order else np.zeros(0, np.int32)
         pi = np.concatenate([p for _, p in order]) if order else np.zeros(0, np.int32)
-        return {"tokens.npy": self.contexts[ci, pi].astype(np.int32), "context.npy": ci, "position.npy": pi,
-                "contexts.npy": self.contexts}
+        return {HARVEST_TOKENS: self.contexts[ci, pi].astype(np.int32), HARVEST_CONTEXT: ci, HARVEST_POSITION: pi,
+                HARVEST_CONTEXTS: self.contexts}
 
 
 # --------------------------------------------------------------------------- forward

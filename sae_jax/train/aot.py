@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sae_jax import config as config_lib
+from sae_jax.io import layout
 
 _UNITS = {"b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
           "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -242,7 +243,7 @@ def compile_check(cfg: config_lib.Config, data: int | None = None, model: int | 
 
 def _report_in_subprocess(cfg: config_lib.Config, n_devices: int) -> StepReport:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg_path, out = Path(tmp) / "config.yaml", Path(tmp) / "report.json"
+        cfg_path, out = Path(tmp) / layout.CONFIG, Path(tmp) / "report.json"
         config_lib.save_config(cfg, cfg_path)
         flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n_devices}".strip()
         env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")

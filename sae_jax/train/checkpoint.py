@@ -49,10 +49,11 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from sae_jax import config as config_lib
+from sae_jax.io import layout
 from sae_jax.sharding import is_main
 
 FORMAT_VERSION = 1
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = layout.CHECKPOINTS
 EXIT_PREEMPTED = 143
 """Exit status of a run stopped by SIGTERM/SIGINT after its checkpoint was saved (128 + SIGTERM)."""
 
@@ -284,7 +285,7 @@ class Checkpoints:
     @property
     def quarantine_dir(self) -> Path:
         """Where unreadable steps are moved (outside orbax's directory, so it never sees them)."""
-        return self.directory.with_name(self.directory.name + ".corrupt")
+        return self.directory.with_name(self.directory.name + layout.CORRUPT_SUFFIX)
 
     def steps(self) -> list[int]:
         """Committed steps, newest first."""

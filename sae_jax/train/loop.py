@@ -36,7 +36,7 @@ from sae_jax import sharding
 from sae_jax.config import Config, ConfigError
 from sae_jax.data import pipeline
 from sae_jax.data import store as store_lib
-from sae_jax.io import lock
+from sae_jax.io import layout, lock
 from sae_jax.models.sae import make_sae
 from sae_jax.sharding import is_main
 from sae_jax.train import checkpoint, outputs
@@ -265,7 +265,7 @@ def train(cfg: Config, fresh: bool = False) -> dict:
     group = single_group(prepare(cfg))
 
     def write_plan(cfg: Config, groups: list[Group]) -> None:
-        config_lib.save_config(cfg, Path(cfg.train.workdir) / "config.yaml")
+        config_lib.save_config(cfg, Path(cfg.train.workdir) / layout.CONFIG)
 
     job = Job(group.run.cfg, [group], "sae-jax train", write_plan, lambda g, members: single_group(
         prepare(members[0].cfg)))
@@ -477,4 +477,4 @@ def report_resume(job: Job, start: checkpoint.Restored, ckpts: checkpoint.Checkp
     for change in start.changes:
         print(f"  accepted config change {change}", flush=True)
     for m in job.members:
-        outputs.cut_log(Path(m.cfg.train.workdir) / "metrics.jsonl", start.step)
+        outputs.cut_log(Path(m.cfg.train.workdir) / layout.METRICS, start.step)

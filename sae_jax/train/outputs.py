@@ -16,7 +16,7 @@ import jax
 from sae_jax import progress
 from sae_jax.data import pipeline
 from sae_jax.eval.store import evaluate
-from sae_jax.io import sae_folder
+from sae_jax.io import layout, sae_folder
 from sae_jax.sharding import is_main
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ class JobLog:
 
     def __init__(self, members: list[Member], total: int, start_step: int, bar: bool, desc: str):
         main = is_main()
-        self.logs = {m.name: MetricsLog(Path(m.cfg.train.workdir) / "metrics.jsonl", m.cfg.train.batch_size,
+        self.logs = {m.name: MetricsLog(Path(m.cfg.train.workdir) / layout.METRICS, m.cfg.train.batch_size,
                                         start_step) for m in members} if main else {}
         self.bar = progress.bar(total, start_step, desc=desc) if main and bar else None
         self.single = len(members) == 1
@@ -125,7 +125,5 @@ def final_summary(run: Run, model: sae_folder.TrainedSAE, wall: float, steps: in
 
 
 def write_summary(workdir: Path, summary: dict) -> None:
-    """summary.json, written whole and then renamed: a summary.json is never a partial one."""
-    tmp = workdir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(workdir / "summary.json")
+    """summary.json, written whole (``layout.atomic_write``): a summary.json is never a partial one."""
+    layout.atomic_write(workdir / layout.SUMMARY, json.dumps(summary, indent=2))

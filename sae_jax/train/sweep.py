@@ -45,11 +45,12 @@ import yaml
 from sae_jax import config as config_lib
 from sae_jax.config import Config, ConfigError
 from sae_jax.eval import report
+from sae_jax.io import layout
 from sae_jax.train import loop, stacked
 from sae_jax.train.loop import Member
 
-MEMBERS_DIR = "members"
-PLAN_FILE = "sweep.json"
+MEMBERS_DIR = layout.MEMBERS
+PLAN_FILE = layout.PLAN
 
 
 def sweep(cfg: Config, fresh: bool = False) -> dict[str, dict]:
@@ -78,7 +79,7 @@ def sweep(cfg: Config, fresh: bool = False) -> dict[str, dict]:
 def check_not_single_run(workdir: Path) -> None:
     """ConfigError if ``workdir`` holds a single run (``sae-jax train``): a sweep there would mix with (or,
     with --fresh, delete) that run's checkpoints and overwrite its config.yaml."""
-    single = [n for n in ("metrics.jsonl", "summary.json", "sae") if (workdir / n).exists()]
+    single = [n for n in (layout.METRICS, layout.SUMMARY, layout.SAE_DIR) if (workdir / n).exists()]
     if single and not (workdir / PLAN_FILE).exists():
         raise ConfigError(f"config key 'train.workdir' is '{workdir}', which holds a single run of `sae-jax train` "
                           f"({', '.join(single)}), not a sweep; give the sweep its own directory, e.g. "
@@ -163,12 +164,12 @@ def write_plan(cfg: Config, all_groups: list[list[Member]], groups: list[loop.Gr
     workdir = Path(cfg.train.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     whole = dataclasses.replace(cfg, sweep=dataclasses.replace(cfg.sweep, group=-1))
-    report.atomic_write(workdir / "config.yaml", yaml.safe_dump(config_lib.to_dict(whole), sort_keys=False))
-    report.atomic_write(workdir / PLAN_FILE, json.dumps(plan_doc(cfg, all_groups), indent=2))
+    layout.atomic_write(workdir / layout.CONFIG, yaml.safe_dump(config_lib.to_dict(whole), sort_keys=False))
+    layout.atomic_write(workdir / PLAN_FILE, json.dumps(plan_doc(cfg, all_groups), indent=2))
     for g in groups:
         for m in g.members:
             Path(m.cfg.train.workdir).mkdir(parents=True, exist_ok=True)
-            config_lib.save_config(m.cfg, Path(m.cfg.train.workdir) / "config.yaml")
+            config_lib.save_config(m.cfg, Path(m.cfg.train.workdir) / layout.CONFIG)
 
 
 def write_report(cfg: Config) -> None:
