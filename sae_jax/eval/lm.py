@@ -171,12 +171,8 @@ class Target:
 def find_targets(workdir: str | Path, data: str | None = None) -> list[Target]:
     """Every SAE under ``workdir`` (``sae/``, ``members/*/sae``) with its training store (or ``data``)."""
     workdir = Path(workdir)
-    folders = sae_folder.find_saes(workdir)
-    if not folders:
-        raise FileNotFoundError(f"'{workdir}' holds no trained SAE ({sae_folder.SAE_DIR}/{sae_folder.SPEC}); train "
-                                "one with `sae-jax train` or `sae-jax sweep`.")
     targets = []
-    for folder in folders:
+    for folder in sae_folder.require_saes(workdir, "train one with `sae-jax train` or `sae-jax sweep`"):
         run = folder.parent if folder.name == sae_folder.SAE_DIR else folder
         cfg = _run_data_config(run, workdir)
         path = data or cfg.get("store") or ""

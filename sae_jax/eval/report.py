@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from sae_jax import config as config_lib
 from sae_jax.io import layout
 from sae_jax.io.layout import atomic_write
 
@@ -57,22 +58,13 @@ def find_runs(dirs: Iterable[str | Path]) -> list[Path]:
     return runs
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and prefix + k != "sweep.grid":
-            out |= _flat(v, f"{prefix}{k}.")
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def _read_run(path: Path) -> tuple[dict, dict]:
     """(flattened config, summary) of a finished run."""
     cfg_path = path / layout.CONFIG
     if not cfg_path.is_file():
         raise FileNotFoundError(f"'{path}' has summary.json but no config.yaml; it is not a sae-jax work directory.")
-    return _flat(yaml.safe_load(cfg_path.read_text()) or {}), json.loads((path / layout.SUMMARY).read_text())
+    cfg = config_lib.flatten(yaml.safe_load(cfg_path.read_text()) or {}, leaves=("sweep.grid",))
+    return cfg, json.loads((path / layout.SUMMARY).read_text())
 
 
 def collect(dirs: Iterable[str | Path]) -> list[dict[str, Any]]:

@@ -211,6 +211,14 @@ def find_saes(root: str | Path) -> list[Path]:
     return sorted(p.parent for p in root.rglob(SPEC) if not _hidden(p, root))  # a missing WEIGHTS: load says so
 
 
+def require_saes(root: Path, fix: str) -> list[Path]:
+    """``find_saes(root)``; FileNotFoundError saying ``fix`` where there is none."""
+    found = find_saes(root)
+    if not found:
+        raise FileNotFoundError(f"'{root}' holds no trained SAE ({SAE_DIR}/{SPEC}); {fix}.")
+    return found
+
+
 def _hidden(path: Path, root: Path) -> bool:
     """Below a hidden folder under root (e.g. the partial folder of a save in progress)."""
     return any(part.startswith(".") for part in path.relative_to(root).parts)

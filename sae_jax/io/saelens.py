@@ -301,10 +301,7 @@ def export_workdir(src: str | Path, out: str | Path, metadata: dict | None = Non
     One SAE goes to ``out`` itself; several go to ``out/<path relative to src>``.
     """
     src = Path(src)
-    found = sae_folder.find_saes(src)
-    if not found:
-        raise FileNotFoundError(f"'{src}' holds no trained SAE (sae/sae.json); pass a work directory of "
-                                "`sae-jax train` or `sae-jax sweep`.")
+    found = sae_folder.require_saes(src, "pass a work directory of `sae-jax train` or `sae-jax sweep`")
     results = []
     for folder in found:
         rel = sae_folder.member_name(src, folder)

@@ -438,16 +438,6 @@ def restore_or_init(ckpts: Checkpoints, init: Callable[[], Any], abstract_state:
 
 
 # --------------------------------------------------------------------------- config changes on resume
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out |= _flat(v, f"{prefix}{k}.")
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def _derived_warmup(steps: int) -> int:
     return max(1, int(config_lib.WARMUP_FRACTION * steps))
 
@@ -468,7 +458,7 @@ def reconcile(meta: dict, cfg: config_lib.Config, store_identity: str, step: int
         raise config_lib.ConfigError(
             f"config key 'data.store' ({cfg.data.store}) is store {store_identity}, but the checkpoint of step {step} "
             f"was trained on store {meta.get('store')}; resume with the same store, or pass --fresh to start over.")
-    saved, now = _flat(meta["config"]), _flat(config_lib.to_dict(cfg))
+    saved, now = config_lib.flatten(meta["config"]), config_lib.flatten(config_lib.to_dict(cfg))
     kept, changes = {}, []
     for key, new in now.items():
         old = saved.get(key, new)
