@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clitools import ENV, ROOT, assert_no_traceback, cli, cli_error
 from safetensors.numpy import load_file
 
 from sae_jax import config as config_lib
@@ -29,6 +28,7 @@ from sae_jax.data.store import import_files
 from sae_jax.data.synthetic import SynthSpec, write_synthetic
 from sae_jax.io import lock
 from sae_jax.train import checkpoint, loop
+from tests.clitools import ENV, ROOT, assert_no_traceback, cli, cli_error
 
 
 @pytest.fixture(scope="module")

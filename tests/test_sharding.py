@@ -26,7 +26,7 @@ from sae_jax.models.sae import make_sae
 ARCHS = ("relu", "gated", "jumprelu", "topk", "batchtopk", "prolu")
 MESHES = ((1, 8), (2, 4), (4, 2), (8, 1))
 STEPS, BATCH, D_MODEL, D_SAE = 3, 64, 16, 64
-GOLDEN = Path(__file__).parent / "golden" / "partition_specs.json"
+GOLDEN = Path(__file__).parent / "fixtures" / "partition_specs.json"
 # float32: the meshes add partial sums in other orders. Adam's first steps divide gradients by their
 # own size, which magnifies rounding where a gradient nearly cancels (with optim.lr=1e-2 one ProLU
 # W_enc entry of 1024 was 1e-5 off on the 1×8 mesh; at the recipes' 1e-3 all are within this).

@@ -17,15 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from clitools import assert_no_traceback
 
 from sae_jax import cli
 from sae_jax import config as config_lib
 from sae_jax.data import pipeline
 from sae_jax.data.synthetic import SynthSpec, write_synthetic
 from sae_jax.train import checkpoint, loop
+from tests.clitools import assert_no_traceback
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 90, 30
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 

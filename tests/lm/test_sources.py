@@ -1,6 +1,6 @@
 """Tests of sae_jax.lm: the source protocol, the JAX Llama and its loaders, the adapters.
 
-SmolLM2 parity is checked against tests/data/lm_reference.npz, written once by
+SmolLM2 parity is checked against tests/fixtures/lm_reference.npz, written once by
 tools/make_lm_reference.py with Hugging Face transformers (an independent GGUF loader and
 forward). Every test runs with network sockets blocked.
 """
@@ -32,7 +32,7 @@ from sae_jax.lm import (
 from sae_jax.lm.gguf_loader import unpermute_qk
 from sae_jax.lm.nnx_adapter import nnx_source
 
-REFERENCE = Path(__file__).parent / "data" / "lm_reference.npz"
+REFERENCE = Path(__file__).parents[1] / "fixtures" / "lm_reference.npz"
 RTOL = 1e-4
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 HAS_TRANSFORMERS = HAS_TORCH and importlib.util.find_spec("transformers") is not None

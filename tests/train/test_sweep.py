@@ -19,7 +19,7 @@ from sae_jax.train import stacked
 from sae_jax.train import sweep as sweep_lib
 from sae_jax.train.loop import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["model.d_sae=64", "train.batch_size=256", "optim.lr=3e-3", "train.progress=false",
           "train.eval_tokens=4096"]
 

@@ -15,7 +15,7 @@ import pytest
 from sae_jax.data import store as store_lib
 from sae_jax.data.store import StoreError, create_store, open_store
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def rows_of(start: int, stop: int, d: int = 8) -> np.ndarray:
@@ -114,8 +114,7 @@ def test_unfinalized_store_never_opens(tmp_path):
 CHILD = textwrap.dedent("""
     import sys
     sys.path.insert(0, {repo!r})
-    sys.path.insert(0, {tests!r})
-    from test_store import rows_of
+    from tests.data.test_store import rows_of
     from sae_jax.data.store import create_store
     writer = create_store({path!r}, d_model=8, rows_per_chunk=64, rows_per_shard=256)
     start = 0
@@ -128,7 +127,7 @@ CHILD = textwrap.dedent("""
 
 def test_sigkilled_writer_leaves_no_store_and_resumes(tmp_path):
     path = str(tmp_path / "s")
-    script = CHILD.format(repo=str(REPO), tests=str(REPO / "tests"), path=path)
+    script = CHILD.format(repo=str(REPO), path=path)
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         for line in child.stdout:

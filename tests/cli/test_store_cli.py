@@ -15,13 +15,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from clitools import assert_no_traceback, cli, cli_error, cli_start
 
 from sae_jax import api
 from sae_jax import config as config_lib
 from sae_jax.data import store as store_lib
 from sae_jax.io import sae_folder
 from sae_jax.models.sae import make_sae
+from tests.clitools import assert_no_traceback, cli, cli_error, cli_start
 
 # 20 shards of 32768 rows, written in about 3 s: long enough to be killed after the first ones.
 SYNTH = ("--d-model", 16, "--n-features", 128, "--n-tokens", 20 * 32768, "--seed", 3)

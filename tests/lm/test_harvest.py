@@ -26,7 +26,7 @@ from sae_jax.data.store import StoreError
 from sae_jax.lm import function_source, harvest
 from sae_jax.lm.tokenizer import from_tokenizer_json
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HOOKS = ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"]
 T = 32
 # 16 contexts in 2 buffers of 8 (4 forwards of 4); shards of 64 rows, so a kill leaves some durable.

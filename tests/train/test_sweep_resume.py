@@ -17,7 +17,7 @@ import yaml
 from sae_jax.data.synthetic import SynthSpec, write_synthetic
 from sae_jax.train import checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 160, 40
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
 

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from clitools import ENV, ROOT, assert_no_traceback, cli, cli_error
 from safetensors.numpy import save_file
 
 from sae_jax import api
@@ -26,6 +25,7 @@ from sae_jax.io import sae_folder, saelens
 from sae_jax.models.sae import make_sae
 from sae_jax.train import checkpoint
 from sae_jax.train.init_from import initial_params
+from tests.clitools import ENV, ROOT, assert_no_traceback, cli, cli_error
 
 D_MODEL, D_SAE = 16, 64
 

@@ -24,7 +24,7 @@ import yaml
 from sae_jax.data.synthetic import SynthSpec, write_synthetic
 from sae_jax.train import checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 240, 30
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clitools import ROOT, cli_error
+
+from tests.clitools import ROOT, cli_error
 
 DEMO = ROOT / "configs" / "demo.yaml"
 TRAIN = ["data.store={store}", "train.workdir={tmp}/rx", "model.d_sae=64", "train.batch_size=256", "train.steps=5",
@@ -78,7 +79,7 @@ def paths(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def run(paths) -> str:
     """A 20-step run on the tiny store."""
-    from clitools import cli
+    from tests.clitools import cli
 
     workdir = Path(paths["tmp"]) / "run"
     done = cli("train", DEMO, f"data.store={paths['store']}", f"train.workdir={workdir}", "model.d_sae=64",
