@@ -31,11 +31,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sae_jax import checkpoint, hostmem, sharding  # noqa: E402
 from sae_jax import config as config_lib  # noqa: E402
+from sae_jax import hostmem, sharding  # noqa: E402
 from sae_jax.data import pipeline  # noqa: E402
 from sae_jax.data import store as store_lib  # noqa: E402
-from sae_jax.train import loop  # noqa: E402
+from sae_jax.train import checkpoint, loop  # noqa: E402
 
 
 def make_store(path: Path, rows: int, d_model: int) -> store_lib.Store:

@@ -4,7 +4,7 @@
 
 Makes a synthetic store (or uses --store), then trains the same K configs (K sparsity
 coefficients, log-spaced) twice:
-  sweep:      `sae_jax.sweep.sweep` — every member stacked, one jitted step per batch (vmapped
+  sweep:      `sae_jax.train.sweep.sweep` — every member stacked, one jitted step per batch (vmapped
               over --vmap-size members at a time; 0 = auto);
   sequential: `sae_jax.train.loop.train` once per member, one after another in this process
               (each compiles its own step; separate jobs would also pay K interpreter starts).
@@ -36,9 +36,9 @@ from sae_jax import config as config_lib  # noqa: E402
 from sae_jax import hostmem  # noqa: E402
 from sae_jax.data import store as store_lib  # noqa: E402
 from sae_jax.data.synthetic import SynthSpec, write_synthetic  # noqa: E402
-from sae_jax.report import plot_pareto, write_report  # noqa: E402
-from sae_jax.sweep import sweep  # noqa: E402
+from sae_jax.eval.report import plot_pareto, write_report  # noqa: E402
 from sae_jax.train.loop import train  # noqa: E402
+from sae_jax.train.sweep import sweep  # noqa: E402
 
 
 def rchar() -> int | None:

@@ -629,11 +629,12 @@ SWEEPABLE = ("model.", "sparsity.", "optim.", "train.dead_tokens")
 """Keys a sweep may vary: everything else (data, steps, batch, mesh) is shared by the members."""
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, leaves: tuple[str, ...] = (), prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {dotted key: value}; the dotted keys in ``leaves`` keep their dict values whole."""
     out = {}
     for k, v in tree.items():
-        if isinstance(v, dict):
-            out |= _flatten(v, f"{prefix}{k}.")
+        if isinstance(v, dict) and f"{prefix}{k}" not in leaves:
+            out |= flatten(v, leaves, f"{prefix}{k}.")
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -645,7 +646,7 @@ def coerce_grid(grid: Any, where: str = "") -> dict[str, list]:
         raise ConfigError(f"config key 'sweep.grid'{where} must map config keys to lists, e.g. "
                           f"{{sparsity.coefficient: [1e-4, 3e-4]}}, got {grid!r}.")
     out = {}
-    for key, values in _flatten(grid).items():
+    for key, values in flatten(grid).items():
         if key not in all_keys():
             raise _unknown(key, f" in sweep.grid{where}")
         if key == "model.d_model" or not key.startswith(SWEEPABLE):

@@ -161,6 +161,11 @@ def shard_bytes(tree: Any, shardings: Any) -> int:
 
 
 # --------------------------------------------------------------------------- processes
+def is_main() -> bool:
+    """Whether this is process 0 of the job: the one that writes logs, summaries and the lock."""
+    return jax.process_index() == 0
+
+
 def _autodetected() -> bool:
     slurm = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in os.environ
     tpu = any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID", "MEGASCALE_COORDINATOR_ADDRESS"))

@@ -9,6 +9,7 @@ traceback), except where the test reads in-process state.
 from __future__ import annotations
 
 import json
+import re
 import multiprocessing
 import os
 import shutil
@@ -21,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clitools import ENV, ROOT, assert_no_traceback, cli, cli_error
 from safetensors.numpy import load_file
 
-from sae_jax import checkpoint, lock
 from sae_jax import config as config_lib
 from sae_jax.data.store import import_files
 from sae_jax.data.synthetic import SynthSpec, write_synthetic
-from sae_jax.train import loop
+from sae_jax.io import lock
+from sae_jax.train import checkpoint, loop
+from tests.clitools import ENV, ROOT, assert_no_traceback, cli, cli_error
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +218,10 @@ def test_sigterm_during_the_final_outputs_exits_143_and_a_rerun_writes_them(tmp_
     proc.send_signal(signal.SIGTERM)
     status, _, err = finished(proc, log)
     assert status == checkpoint.EXIT_PREEMPTED, err
-    # The signal lands during the held-out evaluation: the run stops at the next part (before summary.json).
-    assert "preempted before writing summary.json: the checkpoint of the last step (20) is saved" in err
+    # The signal lands once sae/ is written: usually during the held-out evaluation, so the run stops before
+    # summary.json; on a loaded machine it can land before the check that follows sae/. Either way it stops.
+    assert re.search(r"preempted (before writing summary\.json|after writing sae/, before the held-out evaluation): "
+                     r"the checkpoint of the last step \(20\) is saved", err), err
     assert not (workdir / "summary.json").exists()
     done = cli(*argv)
     assert done.returncode == 0 and "resuming from step 20" in done.stdout, done.stderr

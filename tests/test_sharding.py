@@ -26,7 +26,7 @@ from sae_jax.models import make_sae
 ARCHS = ("relu", "gated", "jumprelu", "topk", "batchtopk", "prolu")
 MESHES = ((1, 8), (2, 4), (4, 2), (8, 1))
 STEPS, BATCH, D_MODEL, D_SAE = 3, 64, 16, 64
-GOLDEN = Path(__file__).parent / "golden" / "partition_specs.json"
+GOLDEN = Path(__file__).parent / "fixtures" / "partition_specs.json"
 # float32: the meshes add partial sums in other orders. Adam's first steps divide gradients by their
 # own size, which magnifies rounding where a gradient nearly cancels (with optim.lr=1e-2 one ProLU
 # W_enc entry of 1024 was 1e-5 off on the 1×8 mesh; at the recipes' 1e-3 all are within this).
@@ -202,7 +202,8 @@ def test_compile_check_memory_agrees_with_what_the_step_uses(tmp_path):
 
 
 def test_compile_check_cli_on_a_mesh_larger_than_this_process(tmp_path, capsys):
-    from sae_jax import aot, cli
+    from sae_jax import cli
+    from sae_jax.train import aot
 
     config = tmp_path / "c.yaml"
     config.write_text("model: {architecture: topk, d_model: 32, d_sae: 1024, k: 8}\ntrain: {batch_size: 256}\n")
@@ -319,7 +320,7 @@ def measure_memory(out: str) -> None:
     """
     import gc
 
-    from sae_jax import aot
+    from sae_jax.train import aot
     from sae_jax.train.state import init_state
 
     cfg = aot._resolve_d_model(config_lib.load_config(None, MEMORY_CASE))

@@ -1,4 +1,4 @@
-"""One-off: write tests/data/lm_reference.npz, the SmolLM2 parity reference.
+"""One-off: write tests/fixtures/lm_reference.npz, the SmolLM2 parity reference.
 
 The reference is independent of sae_jax.lm: Hugging Face transformers loads the same GGUF
 (its own dequantize + q/k un-permute) into a float32 torch LlamaForCausalLM and its own
@@ -97,4 +97,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "tests/data/lm_reference.npz"))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures/lm_reference.npz"))

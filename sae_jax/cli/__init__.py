@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # (module, exception class, exit status, whether the line starts with 'error: ')
-FAILURES = (("sae_jax.api", "SaveError", EXIT_CHECKPOINT_FAILED, True),
-            ("sae_jax.checkpoint", "Preempted", EXIT_PREEMPTED, False),
-            ("sae_jax.checkpoint", "CheckpointError", EXIT_CHECKPOINT_FAILED, True),
+FAILURES = (("sae_jax.io.sae_folder", "SaveError", EXIT_CHECKPOINT_FAILED, True),
+            ("sae_jax.train.checkpoint", "Preempted", EXIT_PREEMPTED, False),
+            ("sae_jax.train.checkpoint", "CheckpointError", EXIT_CHECKPOINT_FAILED, True),
             ("sae_jax.train.state", "NonFiniteError", EXIT_NONFINITE, True))
 
 
@@ -107,7 +107,7 @@ def _is_user_error(e: Exception) -> bool:
     from sae_jax.config import ConfigError
 
     user = (ConfigError, FileNotFoundError, ValueError)
-    lock = sys.modules.get("sae_jax.lock")
+    lock = sys.modules.get("sae_jax.io.lock")
     if lock is not None:
         user += (lock.LockedError,)
     try:

@@ -100,7 +100,7 @@ def config_yaml(cfg) -> str:
 
 
 def print_result(result: dict, title: str) -> None:
-    from sae_jax.evaluate import table
+    from sae_jax.eval.store import table
 
     print(table(result, title))
 

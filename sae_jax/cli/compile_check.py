@@ -24,8 +24,8 @@ def add_parser(subparsers, parents) -> None:
 
 
 def run(args) -> int:
-    from sae_jax import aot
     from sae_jax import config as config_lib
+    from sae_jax.train import aot
 
     data, model = aot.parse_mesh(args.mesh) if args.mesh else (None, None)
     device_memory = aot.parse_bytes(args.device_memory) if args.device_memory else None

@@ -21,12 +21,12 @@ def add_parser(subparsers, parents) -> None:
 
 
 def run(args) -> int:
-    from sae_jax import api
     from sae_jax.data import pipeline
     from sae_jax.data import store as store_lib
-    from sae_jax.evaluate import evaluate
+    from sae_jax.eval.store import evaluate
+    from sae_jax.io import loader
 
-    model = api.load(args.workdir)
+    model = loader.load(args.workdir)
     store = store_lib.open_store(args.data)
     store.check_d_model(model.sae.d_model, field="the SAE's d_model")
     if args.ground_truth:

@@ -26,7 +26,7 @@ def add_parser(subparsers, parents) -> None:
 
 
 def run(args) -> int:
-    from sae_jax import eval_lm
+    from sae_jax.eval import lm as eval_lm
 
     results = eval_lm.evaluate_lm(args.workdir, model=args.model, corpus=args.corpus, hook=args.hook,
                                   data=args.data, contexts=args.contexts, context=args.context,

@@ -2,7 +2,7 @@
 
 Export every trained SAE under WORKDIR (a run, or each member of a sweep) in the layout SAELens's
 SAE.load_from_disk reads, normalization and decoder norms folded in so it works on raw activations. See
-sae_jax/export.py.
+sae_jax/io/saelens.py.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ def add_parser(subparsers, parents) -> None:
 
 
 def run(args) -> int:
-    from sae_jax import export
+    from sae_jax.io import saelens
 
     metadata = {"model_name": args.model_name, "hook_name": args.hook_name}
-    for e in export.export_workdir(args.workdir, args.out, metadata):
+    for e in saelens.export_workdir(args.workdir, args.out, metadata):
         notes = f"; {'; '.join(e.notes)}" if e.notes else ""
         print(f"wrote {e.path} ({e.architecture} as SAELens {e.saelens_architecture}{notes})")
     return 0

@@ -5,7 +5,7 @@ every hook, drop BOS/EOS/PAD/control-token rows, shuffle rows within buffers of 
 activation store (one site per hook, plus tokens/context/position arrays). An interrupted harvest resumes
 when run again. The settings come from a YAML file (e.g. configs/harvest_smollm2.yaml; every key is a field
 of HarvestConfig in sae_jax/config.py) with key=value overrides, or from the flags, each setting the key of
-its name; a flag wins over the file, a key=value over both. See sae_jax/harvest.py.
+its name; a flag wins over the file, a key=value over both. See sae_jax/lm/harvest.py.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def run(args) -> int:
     if args.print_config:
         print(common.config_yaml(cfg), end="")
         return 0
-    from sae_jax import harvest
+    from sae_jax.lm import harvest
 
     store = harvest.harvest_from_config(cfg, fresh=args.fresh)
     if store is not None:

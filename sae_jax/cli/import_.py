@@ -20,10 +20,10 @@ def add_parser(subparsers, parents) -> None:
 
 
 def run(args) -> int:
-    from sae_jax import export
+    from sae_jax.io import layout, loader
 
-    folder, model = export.import_sae(args.src, args.out, member=args.member)
+    folder, model = loader.import_sae(args.src, args.out, member=args.member)
     print(f"imported a {model.sae.name} SAE (d_model={model.sae.d_model}, d_sae={model.sae.d_sae}) into {folder}\n"
           f"evaluate: sae-jax eval {args.out} --data STORE\n"
-          f"continue training: sae-jax train {Path(args.out) / 'config.yaml'} data.store=STORE")
+          f"continue training: sae-jax train {Path(args.out) / layout.CONFIG} data.store=STORE")
     return 0

@@ -19,7 +19,7 @@ def add_parser(subparsers, parents) -> None:
 
 
 def run(args) -> int:
-    from sae_jax import report
+    from sae_jax.eval import report
 
     if args.out is None and len(args.dirs) > 1:
         raise ValueError("`sae-jax report` got several directories; pass --out DIR for the report.")

@@ -28,7 +28,7 @@ def add_parser(subparsers, parents) -> None:
 
 def run(args) -> int:
     from sae_jax import config as config_lib
-    from sae_jax import sweep as sweep_lib
+    from sae_jax.train import sweep as sweep_lib
 
     # Unresolved: each member takes its own architecture's recipe defaults.
     cfg = config_lib.load_config(args.config, args.overrides, resolve_recipe=False)
@@ -43,15 +43,15 @@ def run(args) -> int:
     common.start_banner("sweep", cfg, chosen, f"{len(chosen)} of {sum(map(len, groups))} members in "
                         f"{len(groups) if cfg.sweep.group == -1 else 1} of {len(groups)} groups")
     summaries = sweep_lib.sweep(cfg, fresh=args.fresh)
-    import jax
+    from sae_jax.sharding import is_main
 
-    if jax.process_index() == 0:  # process 0 writes the report; the others need not wait for it
+    if is_main():  # process 0 writes the report; the others need not wait for it
         _print_report(Path(cfg.train.workdir), len(summaries))
     return 0
 
 
 def _print_report(out: Path, n_members: int) -> None:
-    from sae_jax import report
+    from sae_jax.eval import report
 
     print(report.table(report.collect([out])))
     print(f"trained {n_members} members; wrote {out / report.CSV_FILE}, {out / report.JSON_FILE} and "

@@ -20,10 +20,11 @@ def add_parser(subparsers, parents) -> None:
 
 def run(args) -> int:
     from sae_jax.data.synthetic import SynthSpec, write_synthetic
+    from sae_jax.io import layout
 
     spec = SynthSpec(d_model=args.d_model, n_features=args.n_features, n_tokens=args.n_tokens, seed=args.seed,
                      l0=args.l0, dtype=args.dtype)
     store = write_synthetic(args.out, spec, resume=args.resume, overwrite=args.overwrite)
     print(f"wrote {store.n_tokens:,} × {store.d_model} {store.dtype} activations with {args.n_features} true "
-          f"features to {args.out} (ground truth: {Path(args.out) / 'ground_truth.npy'})")
+          f"features to {args.out} (ground truth: {Path(args.out) / layout.GROUND_TRUTH})")
     return 0

@@ -29,9 +29,9 @@ def run(args) -> int:
         return 0
     common.start_banner("train", cfg, [cfg])
     summary = train(cfg, fresh=args.fresh)
-    import jax
+    from sae_jax.sharding import is_main
 
-    if jax.process_index() == 0:  # one table per job, not one per process
+    if is_main():  # one table per job, not one per process
         common.print_result(summary, f"held-out evaluation ({cfg.train.workdir})")
     return 0
 

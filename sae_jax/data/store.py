@@ -33,13 +33,23 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from sae_jax.io.layout import (
+    GROUND_TRUTH,
+    PARTIAL_SUFFIX,
+    REPLACED_SUFFIX,
+    STORE_FORMAT,
+    STORE_METADATA,
+    STORE_PROGRESS,
+    atomic_write,
+    fsync,
+)
+
 log = logging.getLogger(__name__)
 
-FORMAT = "sae_jax.activation_store"
+FORMAT = STORE_FORMAT
 FORMAT_VERSION = 1
-METADATA_FILE = "metadata.json"
-PROGRESS_FILE = "progress.json"
-PARTIAL_SUFFIX = ".partial"
+METADATA_FILE = STORE_METADATA
+PROGRESS_FILE = STORE_PROGRESS
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 INPUT_DTYPES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32), np.dtype(np.float64))
 DTYPE_ALIASES = {"bf16": "bfloat16", "f32": "float32", "fp32": "float32"}
@@ -48,8 +58,7 @@ SHARD_TARGET_BYTES = 64 << 20  # whole shards are buffered by the writer: keep t
 MAX_CHUNKS_PER_SHARD = 256
 NORM_SAMPLE_ROWS = 65536
 READ_CACHE_BYTES = 8 << 20  # enough to keep shard indices cached between block reads
-GROUND_TRUTH_FILE = "ground_truth.npy"
-REPLACED_SUFFIX = ".replaced"
+GROUND_TRUTH_FILE = GROUND_TRUTH
 START_OVER = "start over with --overwrite (--fresh for harvest; overwrite=True in Python)"
 
 
@@ -69,13 +78,13 @@ def canonical_dtype(dtype: str, where: str = "dtype") -> str:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    """Write JSON durably and atomically (temporary file, fsync, rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON durably and atomically (``layout.atomic_write``)."""
+    atomic_write(path, json.dumps(obj, indent=1))
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array)
 
 
 def _read_json(path: Path) -> dict:
@@ -87,15 +96,6 @@ def _read_json(path: Path) -> dict:
     if not isinstance(obj, dict):
         raise StoreError(f"{path}: expected a JSON object; the store is damaged, re-create it.")
     return obj
-
-
-def fsync(path: Path) -> None:
-    """fsync a file or directory (a directory's fsync makes a rename in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _digest(array: np.ndarray) -> str:
@@ -389,12 +389,7 @@ class StoreWriter:
         self._check_open()
         if not _is_plain_name(name) or not name.endswith(".npy") or name.removesuffix(".npy") in self.sites:
             raise StoreError(f"add_file: '{name}' must be a plain file name ending in .npy, not a site name.")
-        tmp = self.partial / (name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, np.asarray(array))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.partial / name)
+        atomic_write(self.partial / name, lambda path: _write_npy(path, np.asarray(array)))
         self.layout["files"][name] = _file_digest(self.partial / name)
         _write_json(self.partial / PROGRESS_FILE, self.layout)
 

@@ -1,7 +1,8 @@
 """Language models as activation sources: ``tokens[B, T] -> {hook: [B, T, d]}``.
 
-Knows nothing of SAEs or stores. The torch adapter lives in ``sae_jax.lm.hf_adapter``
-and is imported only on demand (torch is an optional extra).
+Knows nothing of SAEs or stores, but for ``sae_jax.lm.harvest``, which writes a source's
+activations into a store (and is not imported here). The torch adapter lives in
+``sae_jax.lm.hf_adapter`` and is imported only on demand (torch is an optional extra).
 """
 
 from sae_jax.lm.gguf_loader import find_smollm2_gguf, gguf_source, read_gguf

@@ -3,9 +3,9 @@
 A job trains groups of members on one data stream: each group has one state and one jitted step, and
 every group steps on the same global batch, so the store is read once for the whole job. A single run
 (``train``) is a job of one group of one member whose state is the plain TrainState and whose step is
-``make_train_step`` jitted with explicit shardings (``compile_step``); a sweep (``sae_jax.sweep``) is a
+``make_train_step`` jitted with explicit shardings (``compile_step``); a sweep (``sae_jax.train.sweep``) is a
 job of groups whose members' states are stacked along a ``sweep`` axis (``sae_jax.train.stacked``).
-``run_job`` does the rest, the same for both: the work directory's lock (``sae_jax.lock``), restore or
+``run_job`` does the rest, the same for both: the work directory's lock (``sae_jax.io.lock``), restore or
 init (the config checks of a resume), the loop, the checkpoints (every ``checkpoint.every`` steps, at the
 end, and on SIGTERM/SIGINT with ``checkpoint.Preempted``), the metrics logs, the non-finite checks and
 each member's outputs (``sae_jax.train.outputs``: metrics.jsonl, sae/, summary.json).
@@ -31,35 +31,21 @@ from typing import Any
 import jax
 import numpy as np
 
-from sae_jax import api, checkpoint, lock, sharding
 from sae_jax import config as config_lib
+from sae_jax import sharding
 from sae_jax.config import Config, ConfigError
 from sae_jax.data import pipeline
 from sae_jax.data import store as store_lib
+from sae_jax.io import layout, lock
 from sae_jax.models import make_sae
-from sae_jax.models.sae import SAE
-from sae_jax.train import outputs
+from sae_jax.sharding import is_main
+from sae_jax.train import checkpoint, outputs
 from sae_jax.train import step as step_lib
-from sae_jax.train.outputs import is_main
+from sae_jax.train.init_from import initial_params
+from sae_jax.train.run import Member, Run
 from sae_jax.train.state import NonFiniteError, TrainState, init_state, is_finite
 
 INIT_SAMPLE_ROWS = 4096
-
-
-@dataclass
-class Run:
-    """What the loop builds before the first step."""
-
-    cfg: config_lib.Config
-    store: store_lib.Store
-    sae: SAE
-    mesh: jax.sharding.Mesh
-    scale: float
-    tx: object
-    lr_schedule: object
-    coef: object
-    ground_truth: np.ndarray | None = None
-    """The store's true dictionary (synthetic stores), checked against its digest before any work."""
 
 
 def prepare(cfg: config_lib.Config) -> Run:
@@ -128,7 +114,7 @@ def init_train_state(run: Run) -> TrainState:
     if not run.cfg.model.init_from:
         return jax.jit(init, out_shardings=state_shardings(run, abstract))(key, sample)
     # model.init_from: the saved SAE's parameters at the training scale, a fresh optimizer state.
-    params, stats = jax.device_get(api.initial_params(run.cfg.model.init_from, run.sae, run.scale))
+    params, stats = jax.device_get(initial_params(run.cfg.model.init_from, run.sae, run.scale))
 
     def init_from(key, sample, params, stats):
         return init(key, sample).replace(params=params, stats=stats, opt_state=run.tx.init(params))
@@ -179,19 +165,6 @@ def make_workdir(path: str | Path) -> Path:
 
 
 # --------------------------------------------------------------------------- members, groups, jobs
-@dataclass(frozen=True)
-class Member:
-    """One model a job trains: a single run, or one point of a sweep's grid."""
-
-    name: str
-    """Its key in logs and summaries; for a sweep the directory name under WORKDIR/members (e.g.
-    'architecture-relu_coefficient-0.001')."""
-    point: dict[str, Any]
-    """The grid values of a sweep member (dotted key -> value); {} for a single run."""
-    cfg: Config
-    """The member's resolved config: exactly what a single run of it would use (its train.workdir included)."""
-
-
 @dataclass
 class Group:
     """Members trained together by one jitted step on one state."""
@@ -287,12 +260,12 @@ def train(cfg: Config, fresh: bool = False) -> dict:
 
     Resumes from the newest good checkpoint unless ``fresh`` (which deletes the old ones). On
     SIGTERM/SIGINT it saves a checkpoint and raises ``checkpoint.Preempted``. Process 0 holds the
-    work directory's lock (``sae_jax.lock``) throughout, so a second writer is refused.
+    work directory's lock (``sae_jax.io.lock``) throughout, so a second writer is refused.
     """
     group = single_group(prepare(cfg))
 
     def write_plan(cfg: Config, groups: list[Group]) -> None:
-        config_lib.save_config(cfg, Path(cfg.train.workdir) / "config.yaml")
+        config_lib.save_config(cfg, Path(cfg.train.workdir) / layout.CONFIG)
 
     job = Job(group.run.cfg, [group], "sae-jax train", write_plan, lambda g, members: single_group(
         prepare(members[0].cfg)))
@@ -504,4 +477,4 @@ def report_resume(job: Job, start: checkpoint.Restored, ckpts: checkpoint.Checkp
     for change in start.changes:
         print(f"  accepted config change {change}", flush=True)
     for m in job.members:
-        outputs.cut_log(Path(m.cfg.train.workdir) / "metrics.jsonl", start.step)
+        outputs.cut_log(Path(m.cfg.train.workdir) / layout.METRICS, start.step)

@@ -13,21 +13,18 @@ from typing import TYPE_CHECKING
 
 import jax
 
-from sae_jax import api, progress
+from sae_jax import progress
 from sae_jax.data import pipeline
-from sae_jax.evaluate import evaluate
+from sae_jax.eval.store import evaluate
+from sae_jax.io import layout, sae_folder
+from sae_jax.sharding import is_main
 
 if TYPE_CHECKING:
-    from sae_jax.train.loop import Member, Run
+    from sae_jax.train.run import Member, Run
     from sae_jax.train.state import TrainState
 
 SAVE_FIX = ("free space there or choose another train.workdir, then run the same command again: the checkpoints "
             "are intact, so it resumes from the last one and saves sae/ again")
-
-
-def is_main() -> bool:
-    """Only process 0 writes logs and summaries."""
-    return jax.process_index() == 0
 
 
 class MetricsLog:
@@ -57,7 +54,7 @@ class JobLog:
 
     def __init__(self, members: list[Member], total: int, start_step: int, bar: bool, desc: str):
         main = is_main()
-        self.logs = {m.name: MetricsLog(Path(m.cfg.train.workdir) / "metrics.jsonl", m.cfg.train.batch_size,
+        self.logs = {m.name: MetricsLog(Path(m.cfg.train.workdir) / layout.METRICS, m.cfg.train.batch_size,
                                         start_step) for m in members} if main else {}
         self.bar = progress.bar(total, start_step, desc=desc) if main and bar else None
         self.single = len(members) == 1
@@ -97,20 +94,21 @@ def cut_log(path: Path, step: int) -> None:
     path.write_text("".join(rows))
 
 
-def save_trained(run: Run, state: TrainState, workdir: Path) -> api.TrainedSAE:
+def save_trained(run: Run, state: TrainState, workdir: Path) -> sae_folder.TrainedSAE:
     """Fold the normalization into the parameters and write them to ``workdir/sae``."""
     host = jax.device_get(jax.tree.map(lambda a: a, state))
     params, stats = run.sae.fold_scale(host.params, host.stats, run.scale)
     meta = {"store": run.store.identity, "norm_scale": run.scale, "steps": int(host.step)}
     if is_main():
         try:
-            api.save(workdir / api.SAE_DIR, run.sae, params, stats, meta)
-        except api.SaveError as e:
-            raise api.SaveError(e.folder, e.reason, SAVE_FIX) from e
-    return api.TrainedSAE(run.sae, params, stats, meta)
+            sae_folder.save(workdir / sae_folder.SAE_DIR, run.sae, params, stats, meta)
+        except sae_folder.SaveError as e:
+            raise sae_folder.SaveError(e.folder, e.reason, SAVE_FIX) from e
+    return sae_folder.TrainedSAE(run.sae, params, stats, meta)
 
 
-def final_summary(run: Run, model: api.TrainedSAE, wall: float, steps: int, loader, resumed_from: int = 0) -> dict:
+def final_summary(run: Run, model: sae_folder.TrainedSAE, wall: float, steps: int, loader,
+                  resumed_from: int = 0) -> dict:
     """Held-out metrics (and MMCS against ground truth when the store has it); the speed counts only
     the steps of this session (after ``resumed_from``)."""
     c = run.cfg
@@ -127,7 +125,5 @@ def final_summary(run: Run, model: api.TrainedSAE, wall: float, steps: int, load
 
 
 def write_summary(workdir: Path, summary: dict) -> None:
-    """summary.json, written whole and then renamed: a summary.json is never a partial one."""
-    tmp = workdir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(workdir / "summary.json")
+    """summary.json, written whole (``layout.atomic_write``): a summary.json is never a partial one."""
+    layout.atomic_write(workdir / layout.SUMMARY, json.dumps(summary, indent=2))

@@ -18,11 +18,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from sae_jax import api, sharding
 from sae_jax import config as config_lib
+from sae_jax import sharding
 from sae_jax.config import ConfigError
 from sae_jax.train import loop
 from sae_jax.train import step as step_lib
+from sae_jax.train.init_from import initial_params
 from sae_jax.train.state import TrainState, init_state
 
 SWEEP_AXIS = "sweep"
@@ -75,7 +76,7 @@ def init_stacked(run: loop.Run, members: list[loop.Member], rules
     coefficient = np.asarray([m.cfg.sparsity.coefficient for m in members], np.float32)
     start = None
     if run.cfg.model.init_from:
-        start = jax.device_get(api.initial_params(run.cfg.model.init_from, run.sae, run.scale))
+        start = jax.device_get(initial_params(run.cfg.model.init_from, run.sae, run.scale))
 
     def init(key, sample, lr, coefficient, start):
         def one(lr, coefficient):

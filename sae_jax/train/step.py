@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sae_jax import metrics
+from sae_jax.eval import metrics
 from sae_jax.models.sae import SAE
 from sae_jax.train.state import TrainState
 
