@@ -9,9 +9,9 @@ traceback), except where the test reads in-process state.
 from __future__ import annotations
 
 import json
-import re
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import socket
