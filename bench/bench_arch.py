@@ -40,10 +40,10 @@ from sae_jax.models.topk import TopKSAE
 from sae_jax.train import step as step_lib
 from sae_jax.train.state import init_state
 
-ARCHS = ("relu", "gated", "jumprelu", "topk", "topk+auxk", "batchtopk", "batchtopk+auxk", "matryoshka", "prolu")
-SPARSE = ("topk", "batchtopk", "matryoshka")  # one dense matmul per step: no FLOP bound applies
+ARCHS = tuple(registry()) + ("topk+auxk", "batchtopk+auxk")  # +auxk: half the latents held dead
+SPARSE = tuple(n for n, cls in registry().items() if cls.uses_k)  # one dense matmul per step: no FLOP bound
 FLOPS_PER_BDM = {"gated": 14}  # dense matmul FLOPs per B·d·m of one step; 10 for the other dense archs
-SAELENS = {"relu": "standard", "prolu": "standard", "gated": "gated", "jumprelu": "jumprelu", "topk": "topk",
+SAELENS = {"relu": "standard", "gated": "gated", "jumprelu": "jumprelu", "topk": "topk",
            "batchtopk": "batchtopk", "matryoshka": "matryoshka_batchtopk"}
 
 
@@ -148,7 +148,7 @@ def saelens_tokens_per_s(arch: str, b: int, d: int, m: int, steps: int) -> float
         from sae_lens.saes.sae import TrainStepInput
     except ImportError:
         return None
-    name = SAELENS.get(arch.split("+")[0])
+    name = SAELENS.get(arch.split("+")[0], "standard")  # SAELens lacks it: the dense SAE of the same FLOPs
     if name is None:
         return None
     prefix = {"standard": "Standard", "gated": "Gated", "jumprelu": "JumpReLU", "topk": "TopK",

@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCHS = "relu,gated,jumprelu,topk,topk+auxk,batchtopk,batchtopk+auxk,matryoshka,prolu"
 HLO_SNIPPET = r"""
 import hashlib, re, sys
 import jax
@@ -71,8 +70,12 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--d-sae", type=int, default=8192)
     p.add_argument("--batch", type=int, default=2048)
-    p.add_argument("--archs", default=ARCHS)
+    p.add_argument("--archs", default=None, help="default: every architecture of this tree, and topk/batchtopk +auxk")
     a = p.parse_args()
+    if a.archs is None:
+        from sae_jax.models import registry
+
+        a.archs = ",".join([*registry(), "topk+auxk", "batchtopk+auxk"])
     shape = ["--d-model", str(a.d_model), "--d-sae", str(a.d_sae), "--batch", str(a.batch)]
     with tempfile.TemporaryDirectory() as tmp:
         before = Path(tmp) / "before"

@@ -260,7 +260,8 @@ class Config:
 PENALTY_RECIPES = {"l1_decoder_norm": dict(init_decoder_norm=0.1, grad_clip=1.0)}
 WARMUP_FRACTION = 0.05
 
-PENALTIES = ("l1", "l1_decoder_norm", "sqrt_l1", "l0", "none")
+PENALTIES = tuple(dict.fromkeys(p for info in ARCHITECTURE_INFO.values() for p in info["penalties"]))
+"""Every penalty some architecture accepts (each class's ``penalties``)."""
 _ALLOWED = {
     "model.architecture": ARCHITECTURES,
     "sparsity.penalty": PENALTIES,
