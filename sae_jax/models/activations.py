@@ -37,7 +37,7 @@ def rectangle(u: jax.Array) -> jax.Array:
     return ((u > -0.5) & (u < 0.5)).astype(jnp.result_type(float, u))
 
 
-def _heaviside(z: jax.Array) -> jax.Array:
+def heaviside(z: jax.Array) -> jax.Array:
     """H(z) with H(0) = 0 (see the module docstring), in z's float dtype."""
     return (z > 0).astype(jnp.result_type(float, z))
 
@@ -57,7 +57,7 @@ def batch_sum(a: jax.Array, n: int | None = None) -> jax.Array:
     return jnp.tensordot(jnp.ones(a.shape[:n], a.dtype), a, axes=n)
 
 
-def _sum_to(x: jax.Array, like: jax.Array) -> jax.Array:
+def sum_to(x: jax.Array, like: jax.Array) -> jax.Array:
     """Sum ``x`` over the dims that broadcasting added to ``like``; cast to its dtype."""
     shape = jnp.shape(like)
     x = batch_sum(x, x.ndim - len(shape))
@@ -68,7 +68,7 @@ def _sum_to(x: jax.Array, like: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------- JumpReLU
 def jumprelu_reference(pi: jax.Array, theta: jax.Array) -> jax.Array:
     """JumpReLU_θ(π) = π · H(π − θ) in plain jnp (its autodiff θ-gradient is 0)."""
-    return pi * _heaviside(pi - theta)
+    return pi * heaviside(pi - theta)
 
 
 def _jumprelu_fwd(pi, theta, eps):
@@ -77,9 +77,9 @@ def _jumprelu_fwd(pi, theta, eps):
 
 def _jumprelu_bwd(res, g):
     pi, theta, eps = res
-    d_pi = _heaviside(pi - theta) * g
+    d_pi = heaviside(pi - theta) * g
     d_theta = -(theta / eps) * rectangle((pi - theta) / eps) * g
-    return _sum_to(d_pi, pi), _sum_to(d_theta, theta), None
+    return sum_to(d_pi, pi), sum_to(d_theta, theta), None
 
 
 @jax.custom_vjp
@@ -102,7 +102,7 @@ jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
 # --------------------------------------------------------------------------- L0 step
 def heaviside_step_reference(pi: jax.Array, theta: jax.Array) -> jax.Array:
     """H(π − θ) as a float in plain jnp (its autodiff gradient is 0 everywhere)."""
-    return _heaviside(pi - theta)
+    return heaviside(pi - theta)
 
 
 def _heaviside_step_fwd(pi, theta, eps):
@@ -112,7 +112,7 @@ def _heaviside_step_fwd(pi, theta, eps):
 def _heaviside_step_bwd(res, g):
     pi, theta, eps = res
     d_theta = -(1.0 / eps) * rectangle((pi - theta) / eps) * g
-    return jnp.zeros_like(pi), _sum_to(d_theta, theta), None
+    return jnp.zeros_like(pi), sum_to(d_theta, theta), None
 
 
 @jax.custom_vjp
@@ -132,7 +132,7 @@ heaviside_step.defvjp(_heaviside_step_fwd, _heaviside_step_bwd)
 # --------------------------------------------------------------------------- ProLU
 def prolu_reference(m: jax.Array, b: jax.Array) -> jax.Array:
     """ProLU f = m · H(m + b) · H(m) in plain jnp (its autodiff b-gradient is 0)."""
-    return m * _heaviside(m + b) * _heaviside(m)
+    return m * heaviside(m + b) * heaviside(m)
 
 
 def _prolu_fwd(m, b):
@@ -141,14 +141,14 @@ def _prolu_fwd(m, b):
 
 def _prolu_relu_bwd(res, g):
     m, b = res
-    gated = _heaviside(m + b) * _heaviside(m) * g
-    return _sum_to(gated, m), _sum_to(gated, b)
+    gated = heaviside(m + b) * heaviside(m) * g
+    return sum_to(gated, m), sum_to(gated, b)
 
 
 def _prolu_ste_bwd(res, g):
     m, b = res
-    gated = _heaviside(m + b) * _heaviside(m) * g
-    return _sum_to(gated * (1 + m), m), _sum_to(gated * m, b)
+    gated = heaviside(m + b) * heaviside(m) * g
+    return sum_to(gated * (1 + m), m), sum_to(gated * m, b)
 
 
 @jax.custom_vjp
@@ -353,7 +353,7 @@ def _sparse_encoder_topk_bwd(k, groups, res, g):
     return (
         d_x.astype(x.dtype),
         d_W_enc.astype(W_enc.dtype),
-        _sum_to(d_b_enc, b_enc),
+        sum_to(d_b_enc, b_enc),
     )
 
 
@@ -563,7 +563,7 @@ def _encoder_pre_bwd(res, g):
     d_b_enc = batch_sum(g)
     d_W_enc = jnp.tensordot(xc, g, axes=(lead, lead))
     d_b_dec = -(W_enc @ d_b_enc)
-    return g @ W_enc.T, d_W_enc, _sum_to(d_b_enc, b_enc), d_b_dec
+    return g @ W_enc.T, d_W_enc, sum_to(d_b_enc, b_enc), d_b_dec
 
 
 encoder_pre.defvjp(_encoder_pre_fwd, _encoder_pre_bwd)
@@ -687,8 +687,8 @@ def _gated_code_bwd(res, cotangents):
     dr_mag = scale * batch_sum(d_mag * h)
     dW = jnp.tensordot(xc, dh, axes=(lead, lead))
     db_dec = -(W_gate @ sum_dh)
-    return (dh @ W_gate.T, dW, _sum_to(db_gate, b_gate), _sum_to(dr_mag, r_mag), _sum_to(db_mag, b_mag),
-            _sum_to(db_dec, b_dec))
+    return (dh @ W_gate.T, dW, sum_to(db_gate, b_gate), sum_to(dr_mag, r_mag), sum_to(db_mag, b_mag),
+            sum_to(db_dec, b_dec))
 
 
 gated_code.defvjp(_gated_code_fwd, _gated_code_bwd)
