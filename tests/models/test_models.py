@@ -403,7 +403,7 @@ def matmul_shapes(arch, b=96, d=24, m=160):
     return sorted(re.findall(r"f32\[([\d,]+)\]\{[\d,]+\} dot\(", hlo))
 
 
-@pytest.mark.parametrize("arch", ["relu", "jumprelu", "prolu", "gated"])
+@pytest.mark.parametrize("arch", [a for a in ARCHS if not registry()[a].uses_k])
 def test_dense_step_is_its_five_matmuls_without_the_input_cotangent(arch):
     b, d, m = 96, 24, 160
     shapes = [s for s in matmul_shapes(arch, b, d, m) if "1" not in s.split(",")]  # drop matrix-vector products
@@ -414,7 +414,7 @@ def test_dense_step_is_its_five_matmuls_without_the_input_cotangent(arch):
     assert {s: shapes.count(s) for s in set(shapes)} == expected, shapes
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
+@pytest.mark.parametrize("arch", [a for a in ARCHS if registry()[a].uses_k])
 def test_sparse_step_has_one_dense_matmul(arch):
     b, d, m = 96, 24, 160
     shapes = [s for s in matmul_shapes(arch, b, d, m) if "1" not in s.split(",")]
