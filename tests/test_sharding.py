@@ -23,7 +23,9 @@ from sae_jax import sharding
 from sae_jax.models import activations as act
 from sae_jax.models import make_sae
 
-ARCHS = ("relu", "gated", "jumprelu", "topk", "batchtopk", "prolu")
+ARCHS = ("relu", "gated", "jumprelu", "topk", "batchtopk")
+MESH_EXTRA: dict[str, list[str]] = {}
+"""Per-architecture settings that keep the mesh comparison within float32 tolerance."""
 MESHES = ((1, 8), (2, 4), (4, 2), (8, 1))
 STEPS, BATCH, D_MODEL, D_SAE = 3, 64, 16, 64
 GOLDEN = Path(__file__).parent / "fixtures" / "partition_specs.json"
@@ -42,10 +44,7 @@ def tiny_config(store: str, arch: str, *extra: str) -> config_lib.Config:
         f"data.store={store}", f"model.architecture={arch}", f"model.d_sae={D_SAE}", "model.k=4",
         f"train.batch_size={BATCH}", f"train.steps={STEPS}", "train.dead_tokens=64", "train.progress=false",
         "optim.warmup_steps=1", "sparsity.warmup_steps=1", "model.init_b_dec=mean",
-        # sqrt(L1)'s gradient 1/(2 sqrt f) is unbounded as f -> 0+, so at the recipe's coefficient (0.2)
-        # reduction-order rounding on other meshes grows past float32 tolerance in Adam's first
-        # moments; a smaller coefficient keeps the comparison at float32 tolerance.
-        *(["sparsity.coefficient=0.03"] if arch == "prolu" else []), *extra,
+        *MESH_EXTRA.get(arch, []), *extra,
     ])  # fmt: skip
 
 

@@ -129,61 +129,6 @@ def heaviside_step(pi: jax.Array, theta: jax.Array, eps: float) -> jax.Array:
 heaviside_step.defvjp(_heaviside_step_fwd, _heaviside_step_bwd)
 
 
-# --------------------------------------------------------------------------- ProLU
-def prolu_reference(m: jax.Array, b: jax.Array) -> jax.Array:
-    """ProLU f = m · H(m + b) · H(m) in plain jnp (its autodiff b-gradient is 0)."""
-    return m * heaviside(m + b) * heaviside(m)
-
-
-def _prolu_fwd(m, b):
-    return prolu_reference(m, b), (m, b)
-
-
-def _prolu_relu_bwd(res, g):
-    m, b = res
-    gated = heaviside(m + b) * heaviside(m) * g
-    return sum_to(gated, m), sum_to(gated, b)
-
-
-def _prolu_ste_bwd(res, g):
-    m, b = res
-    gated = heaviside(m + b) * heaviside(m) * g
-    return sum_to(gated * (1 + m), m), sum_to(gated * m, b)
-
-
-@jax.custom_vjp
-def prolu_relu(m: jax.Array, b: jax.Array) -> jax.Array:
-    """ProLU with the "ReLU" estimator: ∂f/∂m = gate, ∂f/∂b = gate.
-
-    Value f = m · H(m + b) · H(m), gate = H(m + b) · H(m); b's gradient summed over the
-    batch dims to b's shape: the gradient ReLU(m + b) would give. Taggart 2024, "ProLU: A
-    Nonlinearity for Sparse Autoencoders"; the author's code, nqgl/sae_components
-    ``src/saeco/architectures/prolu/prolu.py`` ``ProLU_ReLU.backward``:
-    ``grad_m = grad_b = where(gate, grad_output, 0)``.
-    """
-    return prolu_reference(m, b)
-
-
-prolu_relu.defvjp(_prolu_fwd, _prolu_relu_bwd)
-
-
-@jax.custom_vjp
-def prolu_ste(m: jax.Array, b: jax.Array) -> jax.Array:
-    """ProLU with the straight-through estimator: ∂f/∂b = gate · m, ∂f/∂m = gate · (1 + m).
-
-    Value f = m · H(m + b) · H(m), gate = H(m + b) · H(m); b's gradient summed over the
-    batch dims to b's shape. Exactly the author's code (nqgl/sae_components
-    ``src/saeco/architectures/prolu/prolu.py`` ``ProLU_STE.backward``:
-    ``gated = where(gate, g, 0); grad_b = gated * m; grad_m = gated + grad_b``): the
-    derivative of H(m + b) taken as 1 inside the gate (straight through), that of H(m)
-    as 0. Taggart 2024.
-    """
-    return prolu_reference(m, b)
-
-
-prolu_ste.defvjp(_prolu_fwd, _prolu_ste_bwd)
-
-
 # --------------------------------------------------------------------------- TopK
 def exact_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """``lax.top_k(x, k)`` over the last axis (same values, indices and tie order), partitionable.

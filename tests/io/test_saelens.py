@@ -34,7 +34,6 @@ CASES = {
     "topk": ["model.architecture=topk", "model.k=6"],
     "batchtopk": ["model.architecture=batchtopk", "model.k=6"],
     "matryoshka": ["model.architecture=matryoshka", "model.k=6"],
-    "prolu": ["model.architecture=prolu"],
 }
 
 

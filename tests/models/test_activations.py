@@ -90,43 +90,6 @@ def test_heaviside_step_pi_gradient_is_zero_like_the_true_one():
     check_grads(lambda p: act.heaviside_step(p, THETA, EPS), (pi,), 1, modes=("rev",))
 
 
-# --------------------------------------------------------------------------- ProLU
-# Columns: gate on; m + b < 0; m + b == 0 in row 0 (off); m == 0 (off); m < 0; on, m > 1.
-M = np.array([[0.5, 0.2, 0.5, 0.0, -0.4, 1.5], [0.8, 0.3, 0.25, 0.0, -1.0, 2.0]], np.float32)
-B = np.array([0.1, -0.5, -0.5, 1.0, 2.0, -1.0], np.float32)
-G_P = np.array([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [-1.0, 0.5, 2.0, 1.0, 1.0, 0.5]])
-GATE = ((M + B > 0) & (M > 0)).astype(np.float32)
-
-
-def test_prolu_value_matches_reference_and_gate():
-    np.testing.assert_array_equal(GATE[0], [1, 0, 0, 0, 0, 1])
-    np.testing.assert_array_equal(GATE[1], [1, 0, 0, 0, 0, 1])
-    for fn in (act.prolu_relu, act.prolu_ste):
-        np.testing.assert_array_equal(fn(M, B), act.prolu_reference(M, B))
-        np.testing.assert_array_equal(fn(M, B), M * GATE)
-
-
-def test_prolu_relu_vjp_is_the_authors_formula():
-    _, (d_m, d_b) = _vjp(act.prolu_relu, G_P, M, B)
-    np.testing.assert_allclose(d_m, GATE * G_P)  # ProLU_ReLU: grad_m = gated_grad
-    np.testing.assert_allclose(d_b, (GATE * G_P).sum(0))  # grad_b = gated_grad
-
-
-def test_prolu_ste_vjp_is_the_authors_formula():
-    _, (d_m, d_b) = _vjp(act.prolu_ste, G_P, M, B)
-    gated = GATE * G_P
-    np.testing.assert_allclose(d_b, (gated * M).sum(0), rtol=1e-6)  # gated · m
-    np.testing.assert_allclose(d_m, gated + gated * M, rtol=1e-6)  # gated · (1 + m)
-    # By hand, the gated columns 0 and 5: 1·0.5 − 1·0.8 and 6·1.5 + 0.5·2.0.
-    np.testing.assert_allclose(d_b[np.array([0, 5])], [-0.3, 10.0], rtol=1e-6)
-
-
-def test_prolu_relu_m_gradient_is_exact_away_from_kinks():
-    m = jnp.array([[0.5, -0.3, 1.5], [0.7, 0.2, -0.9]], jnp.float32)
-    b = jnp.array([0.2, 0.1, -1.0], jnp.float32)  # m + b ∉ [-0.01, 0.01]
-    check_grads(lambda x: act.prolu_relu(x, b), (m,), 1, modes=("rev",))
-
-
 # --------------------------------------------------------------------------- TopK
 def _rng(seed, shape, scale=1.0):
     return jnp.asarray(np.random.default_rng(seed).normal(size=shape) * scale, "float32")

@@ -324,17 +324,6 @@ def test_gated_aux_term_and_penalty_see_a_frozen_decoder(penalty):
     np.testing.assert_array_equal(sae.bind(params).encode(x), f)
 
 
-def test_prolu_sqrt_l1_is_the_authors_penalty():
-    sae, params = small("prolu", "sparsity.penalty=sqrt_l1")
-    f = jnp.array([[0.0, 0.25, 4.0], [1e-3, 0.0, 1.0]])
-    value, grad = jax.value_and_grad(lambda f: sae.bind(params).l1(f))(f)
-    eps = 1e-6  # nqgl/scsae: sqrt(relu(f) + 1e-6), summed over latents, batch mean
-    expected = np.mean(np.sum(np.sqrt(np.asarray(f) + eps) - np.sqrt(eps), axis=1))
-    np.testing.assert_allclose(value, expected, rtol=1e-5)
-    f = np.asarray(f)
-    np.testing.assert_allclose(grad, np.where(f > 0, 0.5 / np.sqrt(f + eps) / 2, 0.0), rtol=1e-5)
-
-
 def test_jumprelu_parameterizations_and_raw_projection():
     sae_log, params = small("jumprelu")
     sae_raw, _ = small("jumprelu", "model.jumprelu_theta_param=raw")
@@ -362,7 +351,7 @@ def test_dead_latents_are_counted_in_tokens():
 
 @pytest.mark.parametrize("arch, variant", [(a, "") for a in ARCHS] + [
     ("relu", "sparsity.penalty=l1_decoder_norm"), ("gated", "sparsity.penalty=l1_decoder_norm"),
-    ("prolu", "sparsity.penalty=l1"), ("jumprelu", "model.jumprelu_theta_param=raw")])
+    ("jumprelu", "model.jumprelu_theta_param=raw")])
 def test_fold_scale_gives_raw_space_reconstruction(arch, variant):
     sae, params = small(arch, *([variant] if variant else []), d=16, m=48)
     stats = sae.init_stats()
