@@ -31,6 +31,7 @@ CASES = {
     "gated_decoder_norm": ["model.architecture=gated", "sparsity.penalty=l1_decoder_norm"],
     "jumprelu": ["model.architecture=jumprelu"],
     "jumprelu_raw": ["model.architecture=jumprelu", "model.jumprelu_theta_param=raw"],
+    "prolu": ["model.architecture=prolu"],
     "topk": ["model.architecture=topk", "model.k=6"],
     "batchtopk": ["model.architecture=batchtopk", "model.k=6"],
     "matryoshka": ["model.architecture=matryoshka", "model.k=6"],
