@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sae_jax.eval import metrics
 from sae_jax.models import activations as act
 from sae_jax.models import init as init_lib
 
@@ -310,7 +311,7 @@ class SAE(nnx.Module):
     @staticmethod
     def l0(out: Output) -> jax.Array:
         """Mean number of nonzero latents per token (from the sparse code where there is one)."""
-        return out.extras["l0"] if "l0" in out.extras else jnp.mean(jnp.sum(out.f != 0, axis=-1))
+        return out.extras["l0"] if "l0" in out.extras else metrics.l0(out.f)
 
     def update_stats(self, stats: Stats, out: Output) -> Stats:
         """Advance the tokens-since-fired counters by one batch."""
