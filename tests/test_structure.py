@@ -124,3 +124,28 @@ def test_the_file_names_of_the_layout_are_literals_only_in_io_layout():
         if here and rel not in ("io/layout.py", *NOT_YET):
             found[rel] = here
     assert not found, f"write these file names as the constants of sae_jax/io/layout.py: {found}"
+
+
+def test_no_function_is_over_60_lines():
+    """Short functions (issue 16); the training loop's driver is the one allowed to be longer."""
+    long = {}
+    for path in modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long[f"{path.relative_to(PACKAGE)}:{node.name}"] = node.end_lineno - node.lineno + 1
+    assert {k: v for k, v in long.items() if k != "train/loop.py:run_job"} == {}, long
+
+
+def test_every_architecture_is_a_flax_module_declared_in_its_source():
+    """config.py reads each class's declarations from the source; they equal the imported classes'."""
+    from flax import nnx
+
+    from sae_jax import config
+    from sae_jax.models import registry
+
+    assert set(config.ARCHITECTURE_INFO) == set(registry())
+    for name, cls in registry().items():
+        assert issubclass(cls, nnx.Module), name
+        info = config.ARCHITECTURE_INFO[name]
+        assert (tuple(info["penalties"]), info["uses_k"], info["saelens"]) == (cls.penalties, cls.uses_k, cls.saelens)
+        assert info["options"] == cls.all_options(), name
