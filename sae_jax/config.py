@@ -173,6 +173,9 @@ class OptimConfig:
     """The learning-rate factor at rewarm_step under the schedule before the extension."""
     grad_clip: float | None = None
     """Global gradient-norm clip; 0 disables (l1_decoder_norm recipe uses 1.0)."""
+    moment_dtype: str = "float32"
+    """dtype Adam's moments (mu and nu) are stored in: float32, or bfloat16 (half the optimizer
+    state; each update is computed in float32 and rounded back)."""
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,9 @@ class TrainConfig:
     """A latent that has not fired for this many training tokens counts as dead."""
     progress: bool = True
     """Show a progress bar."""
+    compute_dtype: str = "float32"
+    """dtype of the dense matmul inputs in the training step's forward and backward passes:
+    float32, or bfloat16 (accumulated into float32 results; parameters stay float32)."""
 
 
 @dataclass(frozen=True)
@@ -269,6 +275,8 @@ _ALLOWED = {
     "optim.decay": ("constant", "linear", "cosine"),
     "data.nonfinite": ("error", "skip"),
     "model.init_b_dec": ("zeros", "mean", "geometric_median"),
+    "train.compute_dtype": ("float32", "bfloat16"),
+    "optim.moment_dtype": ("float32", "bfloat16"),
 }
 _ARCH_PENALTIES = {name: tuple(info["penalties"]) for name, info in ARCHITECTURE_INFO.items()}
 

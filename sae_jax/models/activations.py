@@ -18,13 +18,81 @@ broadcast dims back to the parameter's own shape, as autodiff does for any param
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+
+# --------------------------------------------------------------------------- precision policy
+_COMPUTE_DTYPE: contextvars.ContextVar = contextvars.ContextVar("sae_jax_compute_dtype", default=None)
+
+
+@contextlib.contextmanager
+def compute_dtype(dtype) -> Iterator[None]:
+    """Trace the dense matmuls inside with ``dtype`` inputs (``train.compute_dtype``).
+
+    ``"float32"`` or None: no policy, every matmul is the plain ``a @ b`` (the float32 program is
+    unchanged). ``"bfloat16"``: ``mm``/``tdot`` cast both inputs to bfloat16 and accumulate into
+    float32 results (``preferred_element_type``); parameters, biases, reductions and the sparse
+    B·k·d gathers (``sparse_decode``, ``decode_code``, the sparse backward of the TopK encoders)
+    stay float32. The policy is read when a function is traced, so a ``jax.value_and_grad``
+    traced inside it applies it to the custom-VJP backward rules as well.
+    """
+    token = _COMPUTE_DTYPE.set(None if dtype in (None, "float32", jnp.float32) else jnp.dtype(dtype))
+    try:
+        yield
+    finally:
+        _COMPUTE_DTYPE.reset(token)
+
+
+def mm(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` under the precision policy (``compute_dtype``): exactly ``a @ b`` without one."""
+    dt = _COMPUTE_DTYPE.get()
+    if dt is None:
+        return a @ b
+    if b.ndim == 2:
+        return _cast_matmul(a, b, dt)
+    return jnp.matmul(a.astype(dt), b.astype(dt), preferred_element_type=jnp.float32)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _cast_matmul(a: jax.Array, b: jax.Array, dt) -> jax.Array:
+    """``a [..., k] @ b [k, n]`` with ``dt`` inputs and float32 results, its backward products too.
+
+    Autodiff of the cast matmul would transpose it into float32 x ``dt`` products that XLA
+    widens to float32; this VJP casts the cotangent as well (for autodiff through ``mm``, e.g.
+    the Gated SAE's aux decoder)."""
+    return jnp.matmul(a.astype(dt), b.astype(dt), preferred_element_type=jnp.float32)
+
+
+def _cast_matmul_fwd(a, b, dt):
+    return _cast_matmul(a, b, dt), (a, b)
+
+
+def _cast_matmul_bwd(dt, res, g):
+    a, b = res
+    lead = tuple(range(a.ndim - 1))
+    da = jnp.matmul(g.astype(dt), b.T.astype(dt), preferred_element_type=jnp.float32)
+    db = jnp.tensordot(a.astype(dt), g.astype(dt), axes=(lead, lead), preferred_element_type=jnp.float32)
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_cast_matmul.defvjp(_cast_matmul_fwd, _cast_matmul_bwd)
+
+
+def tdot(a: jax.Array, b: jax.Array, axes) -> jax.Array:
+    """``jnp.tensordot(a, b, axes)`` under the precision policy, as ``mm``."""
+    dt = _COMPUTE_DTYPE.get()
+    if dt is None:
+        return jnp.tensordot(a, b, axes=axes)
+    return jnp.tensordot(a.astype(dt), b.astype(dt), axes=axes, preferred_element_type=jnp.float32)
 
 
 def rectangle(u: jax.Array) -> jax.Array:
@@ -235,7 +303,7 @@ def densify(values: jax.Array, indices: jax.Array, d_sae: int) -> jax.Array:
 
 def dense_decode_reference(values: jax.Array, indices: jax.Array, W_dec: jax.Array) -> jax.Array:
     """The dense decode ``densify(values, indices) @ W_dec`` (B·m·d FLOPs), no bias."""
-    return densify(values, indices, W_dec.shape[0]) @ W_dec
+    return mm(densify(values, indices, W_dec.shape[0]), W_dec)
 
 
 def _scatter_rows(indices: jax.Array, rows: jax.Array, m: int) -> jax.Array:
@@ -279,11 +347,11 @@ def topk_encoder_reference(
     x_centered: jax.Array, W_enc: jax.Array, b_enc: jax.Array, k: int, groups: int = 1
 ) -> tuple[jax.Array, jax.Array]:
     """``topk_select(x_centered @ W_enc + b_enc, k)``, differentiated densely by autodiff."""
-    return topk_select(x_centered @ W_enc + b_enc, k, groups)
+    return topk_select(mm(x_centered, W_enc) + b_enc, k, groups)
 
 
 def _sparse_encoder_topk_fwd(x_centered, W_enc, b_enc, k, groups=1):
-    top, indices = grouped_top_k(x_centered @ W_enc + b_enc, k, groups)
+    top, indices = grouped_top_k(mm(x_centered, W_enc) + b_enc, k, groups)
     return (jax.nn.relu(top), indices), (x_centered, W_enc, b_enc, top > 0, indices)
 
 
@@ -494,21 +562,21 @@ def encoder_pre(x: jax.Array, W_enc: jax.Array, b_enc: jax.Array, b_dec: jax.Arr
     autodiff of the plain expression. Pass zeros for b_dec where the recipe does not
     subtract it.
     """
-    return (x - b_dec) @ W_enc + b_enc
+    return mm(x - b_dec, W_enc) + b_enc
 
 
 def _encoder_pre_fwd(x, W_enc, b_enc, b_dec):
     xc = x - b_dec
-    return xc @ W_enc + b_enc, (xc, W_enc, b_enc)
+    return mm(xc, W_enc) + b_enc, (xc, W_enc, b_enc)
 
 
 def _encoder_pre_bwd(res, g):
     xc, W_enc, b_enc = res
     lead = tuple(range(g.ndim - 1))
     d_b_enc = batch_sum(g)
-    d_W_enc = jnp.tensordot(xc, g, axes=(lead, lead))
-    d_b_dec = -(W_enc @ d_b_enc)
-    return g @ W_enc.T, d_W_enc, sum_to(d_b_enc, b_enc), d_b_dec
+    d_W_enc = tdot(xc, g, (lead, lead)).astype(W_enc.dtype)
+    d_b_dec = -mm(W_enc, d_b_enc).astype(W_enc.dtype)
+    return mm(g, W_enc.T).astype(xc.dtype), d_W_enc, sum_to(d_b_enc, b_enc), d_b_dec
 
 
 encoder_pre.defvjp(_encoder_pre_fwd, _encoder_pre_bwd)
@@ -523,18 +591,18 @@ def decoder_matmul(f: jax.Array, W_dec: jax.Array) -> jax.Array:
     m 16384, jax 0.10); the barrier keeps it from folding the transpose back into the dot.
     On GPU the two cost the same and the transpose is a copy of W_dec's size.
     """
-    return f @ W_dec
+    return mm(f, W_dec)
 
 
 def _decoder_matmul_fwd(f, W_dec):
-    return f @ W_dec, (f, W_dec)
+    return mm(f, W_dec), (f, W_dec)
 
 
 def _decoder_matmul_bwd(res, g):
     f, W_dec = res
     lead = tuple(range(g.ndim - 1))
-    d_W = jax.lax.optimization_barrier(jnp.tensordot(g, f, axes=(lead, lead))).T
-    return g @ W_dec.T, d_W
+    d_W = jax.lax.optimization_barrier(tdot(g, f, (lead, lead))).T
+    return mm(g, W_dec.T).astype(f.dtype), d_W.astype(W_dec.dtype)
 
 
 decoder_matmul.defvjp(_decoder_matmul_fwd, _decoder_matmul_bwd)
@@ -542,7 +610,7 @@ decoder_matmul.defvjp(_decoder_matmul_fwd, _decoder_matmul_bwd)
 
 def _sparse_encode_fwd(x, W_enc, b_enc, b_dec, dead, k, k_aux, batch, groups):
     xc = x - b_dec
-    pre = xc @ W_enc + b_enc
+    pre = mm(xc, W_enc) + b_enc
     code = batch_topk_code(pre, k, groups) if batch else topk_code(pre, k, groups)
     aux = dead_topk_code(pre, dead, k_aux, groups)
     return (code, aux), (xc, W_enc, code, aux, jnp.any(dead))
@@ -567,7 +635,7 @@ def _sparse_encode_bwd(k, k_aux, batch, groups, res, g):
 
     d_W_enc_t, d_b_enc, d_x = lax.cond(any_dead, with_aux, lambda acc: acc, (d_W_enc_t, d_b_enc, d_x))
     # XLA drops d_x where x is not differentiated (the training step), keeping only d·m work for b_dec.
-    d_b_dec = -(W_enc @ d_b_enc)
+    d_b_dec = -mm(W_enc, d_b_enc)
     return (d_x.astype(xc.dtype), d_W_enc_t.T.astype(W_enc.dtype), d_b_enc.astype(W_enc.dtype),
             d_b_dec.astype(W_enc.dtype), None)
 
@@ -613,7 +681,7 @@ def gated_code(x: jax.Array, W_gate: jax.Array, b_gate: jax.Array, r_mag: jax.Ar
 
 def _gated_code_fwd(x, W_gate, b_gate, r_mag, b_mag, b_dec):
     xc = x - b_dec
-    h = xc @ W_gate
+    h = mm(xc, W_gate)
     pi_gate, pi_mag = h + b_gate, h * jnp.exp(r_mag) + b_mag
     f = jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0)
     return (f, jax.nn.relu(pi_gate)), (xc, W_gate, h, b_gate, r_mag, b_mag, b_dec)
@@ -630,9 +698,9 @@ def _gated_code_bwd(res, cotangents):
     sum_dh, db_mag = batch_sum(dh), batch_sum(d_mag)
     db_gate = sum_dh - scale * db_mag
     dr_mag = scale * batch_sum(d_mag * h)
-    dW = jnp.tensordot(xc, dh, axes=(lead, lead))
-    db_dec = -(W_gate @ sum_dh)
-    return (dh @ W_gate.T, dW, sum_to(db_gate, b_gate), sum_to(dr_mag, r_mag), sum_to(db_mag, b_mag),
+    dW = tdot(xc, dh, (lead, lead)).astype(W_gate.dtype)
+    db_dec = -mm(W_gate, sum_dh)
+    return (mm(dh, W_gate.T).astype(xc.dtype), dW, sum_to(db_gate, b_gate), sum_to(dr_mag, r_mag), sum_to(db_mag, b_mag),
             sum_to(db_dec, b_dec))
 
 

@@ -61,7 +61,7 @@ class GatedSAE(SAE):
         x_hat = self.decode(f)
         sparsity = self.l1(gate)
         # The aux term trains the gate path to reconstruct through a frozen decoder.
-        frozen = gate @ jax.lax.stop_gradient(self.W_dec[...]) + jax.lax.stop_gradient(self.b_dec[...])
+        frozen = act.mm(gate, jax.lax.stop_gradient(self.W_dec[...])) + jax.lax.stop_gradient(self.b_dec[...])
         aux = self.aux_coefficient * squared_error(x, frozen)
         return Output(x_hat, f, squared_error(x, x_hat), sparsity, aux, {})
 

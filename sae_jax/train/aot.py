@@ -174,7 +174,7 @@ def abstract_step(cfg: config_lib.Config, devices: list) -> Compiled:
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model, devices=devices)
     sharding.check_divisible(mesh, cfg.train.batch_size, cfg.model.d_sae)
     run = loop.Run(cfg=cfg, store=None, sae=make_sae(cfg.model, cfg.sparsity.penalty, cfg.train.dead_tokens),
-                   mesh=mesh, scale=1.0, tx=step_lib.optimizer(o.beta1, o.beta2, o.grad_clip),
+                   mesh=mesh, scale=1.0, tx=step_lib.make_optimizer(o),
                    lr_schedule=step_lib.schedule(o, cfg.train.steps),
                    coef=step_lib.coefficient_factor(cfg.sparsity.warmup_steps))
     sample = jax.ShapeDtypeStruct((loop.INIT_SAMPLE_ROWS, cfg.model.d_model), np.float32)

@@ -63,6 +63,8 @@ ITEMS = ("state", "digest", "meta")
 # Config keys a resumed run may change (reported); every other change is refused.
 SAFE_KEYS = ("train.steps", "train.log_every", "train.progress", "train.eval_tokens", "train.workdir", "checkpoint.",
              "mesh.", "distributed.", "data.store", "sweep.shard", "sweep.vmap_size")
+# Keys added after checkpoints were first written: the value a checkpoint without the key trained with.
+ADDED_KEYS = {"train.compute_dtype": "float32", "optim.moment_dtype": "float32"}
 # Keys whose default is derived from train.steps: when only train.steps changed they keep the saved value.
 STEP_DERIVED = ("optim.warmup_steps", "sparsity.warmup_steps")
 # Keys a resume sets itself (an extended schedule's re-warm): a later resume keeps the saved value.
@@ -467,7 +469,7 @@ def reconcile(meta: dict, cfg: config_lib.Config, store_identity: str, step: int
     saved, now = config_lib.flatten(meta["config"]), config_lib.flatten(config_lib.to_dict(cfg))
     kept, changes = {}, []
     for key, new in now.items():
-        old = saved.get(key, new)
+        old = saved.get(key, ADDED_KEYS.get(key, new))
         if old == new or (key == "model.d_model" and 0 in (old, new)):  # 0: from the store, checked above
             continue
         if key in STEP_DERIVED and new == _derived_warmup(now["train.steps"]):

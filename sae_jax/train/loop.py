@@ -60,7 +60,7 @@ def prepare(cfg: config_lib.Config) -> Run:
     cfg = config_lib.with_d_model(cfg, store.d_model)
     sae = make_sae(cfg.model, cfg.sparsity.penalty, cfg.train.dead_tokens)
     o = cfg.optim
-    tx = step_lib.optimizer(o.beta1, o.beta2, o.grad_clip)
+    tx = step_lib.make_optimizer(o)
     lr_schedule = step_lib.schedule(o, cfg.train.steps)
     coef = step_lib.coefficient_factor(cfg.sparsity.warmup_steps)
     norm = store.norm_scalars[store.site_name(cfg.data.site or None)]
@@ -132,7 +132,8 @@ def abstract_train_state(run: Run) -> TrainState:
 
 def compile_step(run: Run, state: TrainState):
     """The train step jitted once, with explicit shardings and state donation."""
-    fn = step_lib.make_train_step(sharding.for_mesh(run.sae, run.mesh), run.tx, run.lr_schedule, run.coef, run.scale)
+    fn = step_lib.make_train_step(sharding.for_mesh(run.sae, run.mesh), run.tx, run.lr_schedule, run.coef, run.scale,
+                                  run.cfg.train.compute_dtype)
     shardings = state_shardings(run, state)
     return jax.jit(fn, in_shardings=(shardings, sharding.batch_sharding(run.mesh)),
                    out_shardings=(shardings, sharding.replicated(run.mesh)), donate_argnums=0)

@@ -97,7 +97,7 @@ def compile_stacked_step(run: loop.Run, shardings: Any, chunk: int) -> Callable:
     """The single-run step over the sweep axis (batch shared), jitted once with donation: vmapped
     over ``chunk`` members at a time, chunks in a jax.lax.map loop (no loop when chunk >= the group)."""
     sae = sharding.for_mesh(run.sae, run.mesh)  # as loop.compile_step: top-k split like the latents
-    one = step_lib.make_train_step(sae, run.tx, run.lr_schedule, run.coef, run.scale)
+    one = step_lib.make_train_step(sae, run.tx, run.lr_schedule, run.coef, run.scale, run.cfg.train.compute_dtype)
 
     def step(state: TrainState, x: jax.Array):
         if chunk >= state.step.shape[0]:
