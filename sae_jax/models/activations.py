@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-
 # --------------------------------------------------------------------------- precision policy
 _COMPUTE_DTYPE: contextvars.ContextVar = contextvars.ContextVar("sae_jax_compute_dtype", default=None)
 
@@ -700,8 +699,8 @@ def _gated_code_bwd(res, cotangents):
     dr_mag = scale * batch_sum(d_mag * h)
     dW = tdot(xc, dh, (lead, lead)).astype(W_gate.dtype)
     db_dec = -mm(W_gate, sum_dh)
-    return (mm(dh, W_gate.T).astype(xc.dtype), dW, sum_to(db_gate, b_gate), sum_to(dr_mag, r_mag), sum_to(db_mag, b_mag),
-            sum_to(db_dec, b_dec))
+    return (mm(dh, W_gate.T).astype(xc.dtype), dW, sum_to(db_gate, b_gate), sum_to(dr_mag, r_mag),
+            sum_to(db_mag, b_mag), sum_to(db_dec, b_dec))
 
 
 gated_code.defvjp(_gated_code_fwd, _gated_code_bwd)

@@ -126,14 +126,19 @@ SPEC = dataclasses.replace(demo.SPEC, n_tokens=131_072)  # the demo's generator,
 SHORT = ["train.steps=4000", "train.log_every=1000", "train.progress=false", "train.eval_tokens=16384"]
 
 
+def demo_config(store, workdir, *extra: str) -> config_lib.Config:
+    """The demo's config (sae_jax/demo.py, as configs/demo.yaml) on ``store``, shortened by SHORT."""
+    base = dict(demo.CONFIG, data={"store": str(store.path)}, train=dict(demo.CONFIG["train"], workdir=str(workdir)))
+    return config_lib.load_config(None, [*SHORT, *extra], base=base)
+
+
 def test_bfloat16_compute_trains_the_demo_as_well_as_float32(tmp_path):
     """The demo's recipe (configs/demo.yaml), shortened: bfloat16 compute within 0.02 MMCS and 10% FVU."""
     store = write_synthetic(tmp_path / "synth", SPEC)
     out = {}
     for dtype in ("float32", "bfloat16"):
         workdir = tmp_path / dtype
-        base = dict(demo.CONFIG, data={"store": str(store.path)}, train=dict(demo.CONFIG["train"], workdir=str(workdir)))
-        loop.train(config_lib.load_config(None, [*SHORT, f"train.compute_dtype={dtype}"], base=base))
+        loop.train(demo_config(store, workdir, f"train.compute_dtype={dtype}"))
         out[dtype] = json.loads((workdir / "summary.json").read_text())
     f32, bf16 = out["float32"], out["bfloat16"]
     print({d: {k: s[k] for k in ("mmcs", "fvu", "l0")} for d, s in out.items()})
@@ -141,8 +146,5 @@ def test_bfloat16_compute_trains_the_demo_as_well_as_float32(tmp_path):
     assert abs(bf16["mmcs"] - f32["mmcs"]) <= 0.02
     assert abs(bf16["fvu"] - f32["fvu"]) <= 0.1 * f32["fvu"]
     # The finished float32 run cannot be resumed in bfloat16.
-    base = dict(demo.CONFIG, data={"store": str(store.path)}, train=dict(demo.CONFIG["train"],
-                                                                         workdir=str(tmp_path / "float32")))
     with pytest.raises(config_lib.ConfigError, match="config key 'train.compute_dtype'"):
-        loop.train(config_lib.load_config(None, [*SHORT, "train.steps=4100", "train.compute_dtype=bfloat16"],
-                                          base=base))
+        loop.train(demo_config(store, tmp_path / "float32", "train.steps=4100", "train.compute_dtype=bfloat16"))
