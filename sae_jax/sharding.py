@@ -49,8 +49,14 @@ def axis_sizes(data: int, model: int, n_devices: int) -> tuple[int, int]:
 
 
 def make_mesh(data: int = -1, model: int = 1, devices: list | None = None) -> Mesh:
-    """A (data, model) mesh over ``devices`` (default: all devices of all processes)."""
+    """A (data, model) mesh over ``devices`` (default: all devices of all processes).
+
+    Devices are laid out in (process, id) order, so in the mesh's row-major order each process's
+    devices are one contiguous run: the input sharding (``input_sharding``) then puts each
+    process's rows of a batch on its own devices, whichever axis spans the processes.
+    """
     devices = list(jax.devices()) if devices is None else list(devices)
+    devices.sort(key=lambda dev: (dev.process_index, dev.id))
     d, m = axis_sizes(data, model, len(devices))
     return Mesh(np.asarray(devices).reshape(d, m), (DATA, MODEL))
 
@@ -87,8 +93,34 @@ def named(mesh: Mesh, specs: Any) -> Any:
 
 
 def batch_sharding(mesh: Mesh, lead: tuple = ()) -> NamedSharding:
-    """Sharding of a [B, d] batch: rows split over the data axis."""
+    """Sharding of a [B, d] batch inside the step: rows split over the data axis, each row on every
+    device of the model axis (the latents' devices)."""
     return NamedSharding(mesh, logical_to_spec(lead + ("batch", "embed")))
+
+
+def input_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a [B, d] batch as it arrives: rows split over every device of the mesh in mesh order
+    (``make_mesh``: process-major), so process p's devices hold rows [p·B/P, (p+1)·B/P), the rows it read.
+
+    The step then moves the batch to where the latents are (``to_step_layout``), not the parameters to
+    the batch: a batch is B·d values, the parameters 2·d·m.
+    """
+    return NamedSharding(mesh, PartitionSpec((DATA, MODEL), None))
+
+
+def to_step_layout(x: jax.Array, mesh: Mesh) -> jax.Array:
+    """Inside a jitted step: the input-sharded batch resharded to ``batch_sharding`` (XLA inserts an
+    all-gather over the model axis; a no-op when that axis has one device)."""
+    return jax.lax.with_sharding_constraint(x, batch_sharding(mesh))
+
+
+def with_step_layout(fn, mesh: Mesh):
+    """``fn(state, x)`` taking ``x`` in ``input_sharding`` and handing it on in ``batch_sharding``."""
+
+    def step(state, x):
+        return fn(state, to_step_layout(x, mesh))
+
+    return step
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -112,36 +144,42 @@ def axis_size(mesh: Mesh | dict[str, int], logical: str) -> int:
 def check_divisible(mesh: Mesh | dict[str, int], batch_size: int, d_sae: int) -> None:
     """Reject a batch or dictionary that the mesh (or ``mesh_shape``) cannot split evenly, naming the key.
 
-    On a real Mesh, also check that each process's devices hold exactly the rows that process
-    reads (``check_process_rows``).
+    The batch arrives split over every device (``input_sharding``), so train.batch_size must be a
+    multiple of all of them. On a real Mesh, also check that each process's devices hold exactly the
+    rows that process reads (``check_process_rows``).
     """
     for key, size, logical in (("train.batch_size", batch_size, "batch"), ("model.d_sae", d_sae, "latent")):
         n = axis_size(mesh, logical)
         if size % n:
             raise ValueError(f"config key '{key}'={size} must be a multiple of the {n} devices of the mesh's "
                              f"'{dict(RULES)[logical]}' axis; change it or mesh.data/mesh.model.")
+    shape = mesh.shape if isinstance(mesh, Mesh) else mesh
+    devices = int(shape[DATA]) * int(shape[MODEL])
+    if batch_size % devices:
+        raise ValueError(f"config key 'train.batch_size'={batch_size} must be a multiple of the mesh's {devices} "
+                         "devices (each device receives its own rows of every batch before the step gathers them "
+                         "over the model axis); change it or mesh.data/mesh.model.")
     if isinstance(mesh, Mesh):
         check_process_rows(mesh, batch_size)
 
 
 def check_process_rows(mesh: Mesh, batch_size: int) -> None:
     """Each process reads its own share of every batch (rows [p·B/P, (p+1)·B/P) of global batch B for
-    process p of P, data/pipeline.py); the batch sharding must put exactly those rows on p's devices.
+    process p of P, data/pipeline.py); the input sharding must put exactly those rows on p's devices.
 
-    It does not when the model axis spans processes (two processes would then hold the same rows
-    but read different ones), and ``make_array_from_process_local_data`` would not notice.
+    ``make_mesh`` orders devices so that it does; a mesh built from devices in another order would
+    not, and ``make_array_from_process_local_data`` would not notice.
     """
     n = jax.process_count()
     share = batch_size // n
     rows: dict[int, list[tuple[int, int]]] = {}
-    for device, index in batch_sharding(mesh).devices_indices_map((batch_size, 1)).items():
+    for device, index in input_sharding(mesh).devices_indices_map((batch_size, 1)).items():
         r = index[0]
         rows.setdefault(device.process_index, []).append((r.start or 0, batch_size if r.stop is None else r.stop))
     for p, slabs in rows.items():
         if (min(a for a, _ in slabs), max(b for _, b in slabs)) != (p * share, (p + 1) * share):
-            raise ValueError(f"mesh.model={mesh.shape[MODEL]} spans several of the {n} processes, so they would "
-                             f"share batch rows that each reads on its own; set mesh.model to at most "
-                             f"{jax.local_device_count()} (the devices of one process).")
+            raise ValueError(f"the mesh's devices are not in process order, so process {p} of {n} would hold "
+                             "batch rows that another process reads; build the mesh with sharding.make_mesh.")
 
 
 def for_mesh(sae: Any, mesh: Mesh) -> Any:
@@ -152,6 +190,19 @@ def for_mesh(sae: Any, mesh: Mesh) -> Any:
     if "latent_groups" not in sae.hyper_names():
         return sae
     return sae.replace(latent_groups=axis_size(mesh, "latent"))
+
+
+def to_host(tree: Any) -> Any:
+    """A pytree of jax.Arrays as numpy on this process, whole: an array with shards on other processes
+    (the latent axis across hosts) is gathered from them, so every process must call this together."""
+    from jax.experimental import multihost_utils
+
+    def one(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable and not a.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+        return jax.device_get(a)
+
+    return jax.tree.map(one, tree)
 
 
 def shard_bytes(tree: Any, shardings: Any) -> int:

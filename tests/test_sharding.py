@@ -218,7 +218,8 @@ def test_compile_check_cli_on_a_mesh_larger_than_this_process(tmp_path, capsys):
     # Per device: W_enc, W_dec, b_enc split 4 ways over 'model'; b_dec whole; Adam keeps two more of each.
     params = 4 * (2 * 32 * 2048 // 4 + 2048 // 4 + 32)
     assert report["params"] == params and report["optimizer"] == 2 * params + 4  # + the int32 step count
-    assert report["batch"] == 4 * 256 * 32 // 2 and report["mesh"] == [2, 4] and report["flops"] > 0
+    # The batch arrives split over all 8 devices (the step gathers it over 'model', in temp).
+    assert report["batch"] == 4 * 256 * 32 // 8 and report["mesh"] == [2, 4] and report["flops"] > 0
     fields = {k: v for k, v in report.items() if k != "peak"}
     assert aot.StepReport(**fields).fits(2**30)
     assert cli.main(["compile-check", str(config), "--mesh", "3x4"]) == cli.EXIT_USER_ERROR
@@ -239,7 +240,7 @@ def _train_on(cfg, mesh, batches, start=None):
     # from the host: a device_put between meshes may share buffers, which the step's donation frees
     state = loop.init_train_state(run) if start is None else jax.device_put(start, loop.state_shardings(run, start))
     start = jax.device_get(state)
-    globals_ = [pipeline.to_global(x, sharding.batch_sharding(mesh)) for x in batches]
+    globals_ = [pipeline.to_global(x, sharding.input_sharding(mesh)) for x in batches]
     step = loop.compile_step(run, state).lower(state, globals_[0]).compile()
     history = []
     for x in globals_:

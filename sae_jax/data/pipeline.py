@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -164,6 +165,9 @@ class WindowSource:
 
     def __init__(self, store: Store, plan: WindowPlan, site: str, nonfinite: str):
         self.store, self.plan, self.site, self.nonfinite = store, plan, site, nonfinite
+        self.rows_read = 0
+        """Rows this source has read from the store (windows read ahead included), counted at each read."""
+        self._count = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -182,6 +186,8 @@ class WindowSource:
         # writes each straight into place in an aligned buffer (which a CPU device can then use as is).
         done = ts.array(rows, copy=False, write=True).write(ts.concat([array[a:b] for a, b in pieces], axis=0))
         self.store.checked_result(done, f"window {index} (rows {pieces}) of site '{self.site}'")
+        with self._count:
+            self.rows_read += len(rows)
         return Window(index, rows, self.plan.row_order(index, len(rows)), pieces)
 
     def row_ids(self, window: Window, positions: np.ndarray) -> np.ndarray:
@@ -432,6 +438,12 @@ class ActivationLoader:
     def skipped_rows(self) -> int:
         """Rows with NaN/Inf this process dropped so far."""
         return self._it.get_state()["skipped"]
+
+    @property
+    def rows_read(self) -> int:
+        """Rows this process has read from the store since the loader started (read-ahead included):
+        counted where the store is read, so a test can see each process read only its own share."""
+        return self.source.rows_read
 
     def _identity(self) -> dict:
         return {"store": self.store.identity, "source": repr(self.source)}

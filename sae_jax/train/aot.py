@@ -183,7 +183,7 @@ def abstract_step(cfg: config_lib.Config, devices: list) -> Compiled:
     shardings = loop.state_shardings(run, abstract)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.model.d_model), np.float32,
-                                 sharding=sharding.batch_sharding(mesh))
+                                 sharding=sharding.input_sharding(mesh))
     compiled = loop.compile_step(run, abstract).lower(state, batch).compile()
     return Compiled(compiled, run, abstract, shardings, batch)
 

@@ -172,10 +172,15 @@ class ProcessJsonHandler(ocp.CheckpointHandler):
         (directory / name).write_text(json.dumps(body, indent=1))
 
     def restore(self, directory: epath.Path, args: ProcessJsonRestore | None = None) -> dict:
-        path = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        """This process's dict; with ``args.of_process_0``, process 0's, whatever number of processes wrote it."""
+        if args is not None and args.of_process_0:
+            path = next(iter(sorted(directory.glob("process_0-of-*.json"))), directory / "process_0-of-1.json")
+        else:
+            path = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         if not path.exists():
             saved = sorted(p.name for p in directory.iterdir())
-            raise ProcessCountMismatch(f"{path} does not exist (the checkpoint has {', '.join(saved)})")
+            raise ProcessCountMismatch(f"{path} does not exist (the checkpoint has {', '.join(saved)})",
+                                       len([n for n in saved if n.startswith("process_")]))
         body = json.loads(path.read_text())
         if _json_digest(body["payload"]) != body.get("sha256"):
             raise CorruptCheckpoint(f"{path} does not match its SHA-256")
@@ -191,8 +196,12 @@ class ProcessJsonHandler(ocp.CheckpointHandler):
         pass
 
 
-class ProcessCountMismatch(Exception):  # noqa: N818 - turned into a ConfigError by the caller
-    """The checkpoint was written by another number of processes."""
+class ProcessCountMismatch(Exception):  # noqa: N818 - handled by restore_or_init
+    """The checkpoint was written by another number of processes (``saved``)."""
+
+    def __init__(self, message: str, saved: int):
+        super().__init__(message)
+        self.saved = saved
 
 
 @ocp.args.register_with_handler(ProcessJsonHandler, for_save=True)
@@ -206,9 +215,10 @@ class ProcessJsonSave(ocp.args.CheckpointArgs):
 @ocp.args.register_with_handler(ProcessJsonHandler, for_restore=True)
 @dataclass
 class ProcessJsonRestore(ocp.args.CheckpointArgs):
-    """Restore this process's JSON dict."""
+    """Restore this process's JSON dict (process 0's with ``of_process_0``)."""
 
     item: dict | None = None
+    of_process_0: bool = False
 
 
 # --------------------------------------------------------------------------- the manager
@@ -346,10 +356,12 @@ class Checkpoints:
                 self.manager.close()
 
     # -------------------------------------------------------------- restoring
-    def read_meta(self, step: int) -> dict:
-        """This process's meta item of a step; CorruptCheckpoint if unreadable."""
+    def read_meta(self, step: int, of_process_0: bool = False) -> dict:
+        """This process's meta item of a step (process 0's with ``of_process_0``); CorruptCheckpoint if
+        unreadable, ProcessCountMismatch if another number of processes wrote it."""
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(meta=ProcessJsonRestore())).meta
+            args = ocp.args.Composite(meta=ProcessJsonRestore(of_process_0=of_process_0))
+            return self.manager.restore(step, args=args).meta
         except (ProcessCountMismatch, CorruptCheckpoint):
             raise
         except Exception as e:  # noqa: BLE001 - unreadable is unreadable, whatever the library says
@@ -392,17 +404,21 @@ class Restored:
     step: int = 0
     """Steps already taken (0 for a fresh start)."""
     data_state: dict | None = None
-    """This process's data-iterator state, or None for a fresh start."""
+    """This process's data-iterator state; None for a fresh start, or when the checkpoint was written by
+    another number of processes (``saved_processes``): the data stream then starts again."""
     config: Any = None
     """The config to run with (the new one, with step-derived fields kept from the checkpoint), or what
     ``restore_or_init``'s ``check`` returned."""
     changes: list[str] = field(default_factory=list)
     """Accepted config changes, as 'key: old -> new'."""
 
+    saved_processes: int = 0
+    """The number of processes that wrote the checkpoint, when it differs from this job's (else 0)."""
+
     @property
     def resumed(self) -> bool:
         """Whether a checkpoint was restored."""
-        return self.data_state is not None
+        return self.step > 0
 
 
 def restore_or_init(ckpts: Checkpoints, init: Callable[[], Any], abstract_state: Any, cfg: config_lib.Config,
@@ -410,26 +426,28 @@ def restore_or_init(ckpts: Checkpoints, init: Callable[[], Any], abstract_state:
     """The newest good checkpoint, checked against ``cfg``, or ``init()`` if there is none.
 
     ``abstract_state`` carries the target shardings (of the current mesh), so a checkpoint written
-    on one mesh restores onto another. Unusable steps are reported and moved aside; a refused
-    config change raises ConfigError naming the key. ``check(meta, cfg, store_identity, step)``
-    replaces ``reconcile`` (e.g. a sweep also checks each member's config).
+    on one mesh restores onto another, and by another number of processes: the train state is the
+    same, but each process's place in its share of the data cannot carry over to a new partition of
+    the rows, so the data stream starts again (``Restored.saved_processes``). Unusable steps are
+    reported and moved aside; a refused config change raises ConfigError naming the key.
+    ``check(meta, cfg, store_identity, step)`` replaces ``reconcile`` (e.g. a sweep also checks each member's config).
     """
     check = check or reconcile
     quarantined = []
     for step in ckpts.steps():
+        saved_processes = 0
         try:
-            meta = ckpts.read_meta(step)
+            try:
+                meta = ckpts.read_meta(step)
+            except ProcessCountMismatch as e:
+                meta, saved_processes = dict(ckpts.read_meta(step, of_process_0=True), data=None), e.saved
             new_cfg, changes = check(meta, cfg, store_identity, step)
             state = ckpts.read_state(step, abstract_state)
             ok, why = True, ""
-        except ProcessCountMismatch as e:
-            raise config_lib.ConfigError(
-                f"config key 'distributed.num_processes' differs from the checkpoint's ({e}); resume with the same "
-                "number of processes, or pass --fresh to start over.") from None
-        except CorruptCheckpoint as e:
+        except (CorruptCheckpoint, ProcessCountMismatch) as e:
             ok, why = False, str(e)
         if _all_agree(ok):
-            return Restored(state, step, meta["data"], new_cfg, changes)
+            return Restored(state, step, meta["data"], new_cfg, changes, saved_processes)
         ckpts.quarantine(step, why or "another process could not read it")
         quarantined.append(step)
     if quarantined:

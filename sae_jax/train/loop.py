@@ -135,7 +135,8 @@ def compile_step(run: Run, state: TrainState):
     fn = step_lib.make_train_step(sharding.for_mesh(run.sae, run.mesh), run.tx, run.lr_schedule, run.coef, run.scale,
                                   run.cfg.train.compute_dtype)
     shardings = state_shardings(run, state)
-    return jax.jit(fn, in_shardings=(shardings, sharding.batch_sharding(run.mesh)),
+    return jax.jit(sharding.with_step_layout(fn, run.mesh),
+                   in_shardings=(shardings, sharding.input_sharding(run.mesh)),
                    out_shardings=(shardings, sharding.replicated(run.mesh)), donate_argnums=0)
 
 
@@ -303,7 +304,8 @@ def _run_job(job: Job, fresh: bool) -> dict[str, dict]:
         job.write_plan(job.cfg, job.groups)
     loader = make_loader(job.groups[0].run)
     if start.resumed:
-        loader.set_state(start.data_state)
+        if start.data_state is not None:
+            loader.set_state(start.data_state)
         report_resume(job, start, ckpts)
 
     # --- the loop (a checkpoint every checkpoint.every steps, at the end, and on preemption), then the outputs
@@ -336,10 +338,10 @@ def train_steps(job: Job, loader, ckpts: checkpoint.Checkpoints, log: outputs.Jo
                 preemption: checkpoint.PreemptionWatch, start: int) -> float:
     """Step every group on each global batch from step ``start`` to ``train.steps``; the wall time."""
     tcfg = job.cfg.train
-    batch_sharding = sharding.batch_sharding(job.groups[0].run.mesh)
+    input_sharding = sharding.input_sharding(job.groups[0].run.mesh)
     t_start = time.perf_counter()
     for step in range(start, tcfg.steps):
-        x = pipeline.to_global(next(loader), batch_sharding)
+        x = pipeline.to_global(next(loader), input_sharding)
         done = step + 1
         for g in job.groups:
             g.state, step_metrics = g.step(g.state, x)
@@ -477,5 +479,10 @@ def report_resume(job: Job, start: checkpoint.Restored, ckpts: checkpoint.Checkp
     print(f"resuming from step {start.step} ({tokens:,} tokens) of {ckpts.directory}", flush=True)
     for change in start.changes:
         print(f"  accepted config change {change}", flush=True)
+    if start.saved_processes:
+        print(f"  warning: the checkpoint was written by {start.saved_processes} process(es) and this job has "
+              f"{jax.process_count()}; the train state is restored, but the processes' places in the data do not "
+              "carry over to the new split of the rows, so the data stream starts again from its beginning (rows "
+              f"of the first {tokens:,} tokens come again).", flush=True)
     for m in job.members:
         outputs.cut_log(Path(m.cfg.train.workdir) / layout.METRICS, start.step)

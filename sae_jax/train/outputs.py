@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import jax
+import numpy as np
 
-from sae_jax import progress
+from sae_jax import progress, sharding
 from sae_jax.data import pipeline
 from sae_jax.eval.store import evaluate
 from sae_jax.io import layout, sae_folder
@@ -96,7 +97,7 @@ def cut_log(path: Path, step: int) -> None:
 
 def save_trained(run: Run, state: TrainState, workdir: Path) -> sae_folder.TrainedSAE:
     """Fold the normalization into the parameters and write them to ``workdir/sae``."""
-    host = jax.device_get(jax.tree.map(lambda a: a, state))
+    host = sharding.to_host(state)
     params, stats = run.sae.fold_scale(host.params, host.stats, run.scale)
     meta = {"store": run.store.identity, "norm_scale": run.scale, "steps": int(host.step)}
     if is_main():
@@ -120,8 +121,19 @@ def final_summary(run: Run, model: sae_folder.TrainedSAE, wall: float, steps: in
     result |= {"steps": steps, "train_tokens": tokens, "train_seconds": wall,
                "train_tokens_per_s": (steps - resumed_from) * c.train.batch_size / max(wall, 1e-9),
                "resumed_from_step": resumed_from, "architecture": c.model.architecture,
-               "d_sae": c.model.d_sae, "skipped_rows": loader.skipped_rows}
+               "d_sae": c.model.d_sae, "skipped_rows": loader.skipped_rows,
+               "rows_read_per_process": rows_read_per_process(loader)}
     return result
+
+
+def rows_read_per_process(loader) -> list[int]:
+    """Each process's count of training rows it read from the store in this session (every process calls this)."""
+    if jax.process_count() == 1:
+        return [int(loader.rows_read)]
+    from jax.experimental import multihost_utils
+
+    counts = multihost_utils.process_allgather(np.asarray([loader.rows_read], np.int64))
+    return [int(n) for n in np.asarray(counts).reshape(-1)]
 
 
 def write_summary(workdir: Path, summary: dict) -> None:

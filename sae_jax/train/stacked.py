@@ -104,5 +104,6 @@ def compile_stacked_step(run: loop.Run, shardings: Any, chunk: int) -> Callable:
             return jax.vmap(one, in_axes=(0, None))(state, x)
         return jax.lax.map(lambda s: one(s, x), state, batch_size=chunk if chunk > 1 else None)
 
-    return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(run.mesh)),
+    return jax.jit(sharding.with_step_layout(step, run.mesh),
+                   in_shardings=(shardings, sharding.input_sharding(run.mesh)),
                    out_shardings=(shardings, sharding.replicated(run.mesh)), donate_argnums=0)

@@ -152,7 +152,7 @@ def continue_from(store, workdir: Path, step: int, restore_params, restore_rest,
         loader.set_state(ckpts.read_meta(step)["data"])
     train_step = loop.compile_step(run, state)
     for _ in range(step, STEPS):
-        state, _ = train_step(state, pipeline.to_global(next(loader), loop.sharding.batch_sharding(run.mesh)))
+        state, _ = train_step(state, pipeline.to_global(next(loader), loop.sharding.input_sharding(run.mesh)))
     loader.close()
     return {k: np.asarray(v) for k, v in jax.device_get(state.params).items()}
 
@@ -331,7 +331,7 @@ def restore(workdir, data, model):
     same = all(np.array_equal(np.asarray(params[k]), saved["params/" + k]) for k in params)
     loader = loop.make_loader(run)
     loader.set_state(start.data_state)
-    x = pipeline.to_global(next(loader), sharding.batch_sharding(run.mesh))
+    x = pipeline.to_global(next(loader), sharding.input_sharding(run.mesh))
     state, _ = loop.compile_step(run, start.state)(start.state, x)  # and it trains on
     return {"step": start.step, "same": same, "devices": jax.device_count(), "mesh": dict(run.mesh.shape),
             "spec": list(start.state.params["W_enc"].sharding.spec), "next_step": int(state.step),
