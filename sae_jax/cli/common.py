@@ -54,10 +54,18 @@ class AfterConfig(argparse.Action):
             elif action.nargs == 0 and not eq:
                 action(parser, namespace, None, name)
             elif action.nargs != 0 and (eq or values):
-                action(parser, namespace, value if eq else values.pop(0), name)
+                action(parser, namespace, _typed(parser, action, value if eq else values.pop(0)), name)
             else:
                 rest.append(text)  # --fresh=1, or --mesh without a value: the config loader refuses it
         setattr(namespace, self.dest, rest)
+
+
+def _typed(parser, action, text: str):
+    """``text`` converted by the option's ``type`` (argparse's own conversion and error message)."""
+    try:
+        return parser._get_values(action, [text]) if action.nargs is None else text
+    except argparse.ArgumentError as e:
+        parser.error(str(e))
 
 
 class Parents:

@@ -28,7 +28,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sae_jax import config as config_lib
@@ -94,6 +94,16 @@ class StepReport:
     """FLOPs of one step on one device (cost_analysis)."""
     arguments: int
     """Everything passed in (state + batch), as the compiler counts it."""
+    processes: int = 1
+    """Processes the devices are split over (contiguous, as ``sharding.make_mesh`` lays them out)."""
+    input_per_process: int = 0
+    """Bytes of each global batch that one process reads and feeds (its B/P rows, as float32)."""
+    collective_bytes: float = 0.0
+    """Bytes one device moves in collectives per step (``collectives``: ring model, from the compiled HLO)."""
+    cross_process_bytes: float = 0.0
+    """Of those, the bytes of collectives whose device groups span processes (between hosts)."""
+    collectives: dict = field(default_factory=dict)
+    """Per kind (all-gather, all-reduce, ...): instructions, runs per step, bytes, cross-process bytes."""
 
     @property
     def state(self) -> int:
@@ -109,8 +119,9 @@ class StepReport:
     def devices(self) -> int:
         return self.mesh[0] * self.mesh[1]
 
-    def table(self, device_memory: int | None = None) -> str:
-        """The report as aligned lines, with the verdict when ``device_memory`` is given."""
+    def table(self, device_memory: int | None = None, step_time: float | None = None) -> str:
+        """The report as aligned lines, with the verdict when ``device_memory`` is given and the rates that one
+        step every ``step_time`` seconds needs."""
         d, m = self.mesh
         lines = [f"compile-check: one train step on a {d}x{m} (data x model) mesh, {self.platform} compiler",
                  "  per device:"]
@@ -120,11 +131,29 @@ class StepReport:
                             ("generated code", self.generated_code), ("peak", self.peak)):
             lines.append(f"    {name:<22}{human(value):>12}")
         lines.append(f"  FLOPs per step: {self.flops:.3e} per device, {self.flops * self.devices:.3e} in all")
+        lines += self.traffic_lines(step_time)
         if device_memory is not None:
             verdict = "fits" if self.fits(device_memory) else "DOES NOT FIT"
             lines.append(f"  device memory {human(device_memory)}: {verdict} "
                          f"({100 * self.peak / device_memory:.0f}% used)")
         return "\n".join(lines)
+
+    def traffic_lines(self, step_time: float | None) -> list[str]:
+        """Input per process and collective bytes per step; with ``step_time``, the rates they need."""
+        per = self.devices // self.processes
+        lines = [f"  per process ({self.processes} process(es) of {per} device(s)): input "
+                 f"{human(self.input_per_process)} per step"]
+        lines.append(f"  collectives per step, per device: {human(self.collective_bytes)} "
+                     f"({human(self.cross_process_bytes)} between processes)")
+        for kind, row in sorted(self.collectives.items()):
+            lines.append(f"    {kind:<20}{int(row['runs']):>6} runs {human(row['bytes']):>12}"
+                         f"   between processes {human(row['cross_process_bytes']):>12}")
+        if step_time:
+            read = human(self.input_per_process / step_time)
+            lines.append(f"  at one step every {step_time:g} s: each process reads {read}/s; each device moves "
+                         f"{human(self.collective_bytes / step_time)}/s in collectives, "
+                         f"{human(self.cross_process_bytes / step_time)}/s of it between processes")
+        return lines
 
     def fits(self, device_memory: int) -> bool:
         """Whether the step's peak fits in ``device_memory`` bytes per device."""
@@ -195,11 +224,13 @@ def _flops(compiled) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
-def report_here(cfg: config_lib.Config, devices: list) -> StepReport:
-    """Compile the step for ``cfg.mesh`` over ``devices`` of this process and measure it."""
+def report_here(cfg: config_lib.Config, devices: list, processes: int = 1) -> StepReport:
+    """Compile the step for ``cfg.mesh`` over ``devices`` of this process and measure it, its collectives
+    counted as if the devices were split over ``processes`` processes."""
     import numpy as np
 
     from sae_jax import sharding
+    from sae_jax.train import collectives
 
     c = abstract_step(cfg, devices)
     abstract, shardings, batch = c.abstract, c.shardings, c.batch
@@ -213,13 +244,26 @@ def report_here(cfg: config_lib.Config, devices: list) -> StepReport:
         batch=batch_bytes, temp=int(memory.temp_size_in_bytes),
         outputs_not_donated=max(int(memory.output_size_in_bytes) - int(memory.alias_size_in_bytes), 0),
         generated_code=int(memory.generated_code_size_in_bytes), flops=_flops(c.step),
-        arguments=int(memory.argument_size_in_bytes),
+        arguments=int(memory.argument_size_in_bytes), processes=processes,
+        input_per_process=cfg.train.batch_size // processes * cfg.model.d_model * 4,
+        **traffic(collectives.parse(c.step.as_text(), len(devices), processes)),
     )
 
 
+def traffic(found: list) -> dict:
+    """StepReport's collective fields from ``collectives.parse``."""
+    from sae_jax.train import collectives
+
+    kinds = collectives.summary(found)
+    return {"collectives": kinds, "collective_bytes": sum(r["bytes"] for r in kinds.values()),
+            "cross_process_bytes": sum(r["cross_process_bytes"] for r in kinds.values())}
+
+
 # --------------------------------------------------------------------------- anywhere
-def compile_check(cfg: config_lib.Config, data: int | None = None, model: int | None = None) -> StepReport:
-    """The step report for a ``data`` × ``model`` mesh (default: the config's mesh over this process's devices).
+def compile_check(cfg: config_lib.Config, data: int | None = None, model: int | None = None,
+                  processes: int = 1) -> StepReport:
+    """The step report for a ``data`` × ``model`` mesh (default: the config's mesh over this process's devices)
+    whose devices are split over ``processes`` processes.
 
     Uses this process's devices when it has enough, else fake CPU devices in a subprocess.
     """
@@ -236,18 +280,27 @@ def compile_check(cfg: config_lib.Config, data: int | None = None, model: int | 
         data, model = sharding.axis_sizes(data, model, jax.device_count())
     cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=data, model=model))
     sharding.check_divisible(sharding.mesh_shape(data, model), cfg.train.batch_size, cfg.model.d_sae)
+    check_processes(processes, data * model, cfg.train.batch_size)
     if jax.device_count() >= data * model and jax.process_count() == 1:
-        return report_here(cfg, jax.devices()[:data * model])
-    return _report_in_subprocess(cfg, data * model)
+        return report_here(cfg, jax.devices()[:data * model], processes)
+    return _report_in_subprocess(cfg, data * model, processes)
 
 
-def _report_in_subprocess(cfg: config_lib.Config, n_devices: int) -> StepReport:
+def check_processes(processes: int, n_devices: int, batch_size: int) -> None:
+    """ValueError unless ``processes`` splits the devices (and the batch) evenly."""
+    if processes < 1 or n_devices % processes:
+        raise ValueError(f"--processes {processes} must be a positive divisor of the mesh's {n_devices} devices "
+                         "(every process holds the same number of them).")
+
+
+def _report_in_subprocess(cfg: config_lib.Config, n_devices: int, processes: int = 1) -> StepReport:
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path, out = Path(tmp) / layout.CONFIG, Path(tmp) / "report.json"
         config_lib.save_config(cfg, cfg_path)
         flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n_devices}".strip()
         env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-        result = subprocess.run([sys.executable, "-m", "sae_jax.train.aot", str(cfg_path), str(out)], env=env,
+        result = subprocess.run([sys.executable, "-m", "sae_jax.train.aot", str(cfg_path), str(out), str(processes)],
+                                env=env,
                                 capture_output=True, text=True)
         if result.returncode:
             raise RuntimeError(f"compile-check on {n_devices} fake CPU devices failed:\n{result.stderr[-3000:]}")
@@ -255,13 +308,13 @@ def _report_in_subprocess(cfg: config_lib.Config, n_devices: int) -> StepReport:
     return StepReport(**{**fields, "mesh": tuple(fields["mesh"])})
 
 
-def _main(cfg_path: str, out: str) -> None:
+def _main(cfg_path: str, out: str, processes: str = "1") -> None:
     import jax
 
     cfg = config_lib.load_config(cfg_path)
-    report = report_here(cfg, jax.devices()[:cfg.mesh.data * cfg.mesh.model])
+    report = report_here(cfg, jax.devices()[:cfg.mesh.data * cfg.mesh.model], int(processes))
     Path(out).write_text(json.dumps(asdict(report)))
 
 
 if __name__ == "__main__":
-    _main(*sys.argv[1:3])
+    _main(*sys.argv[1:4])
