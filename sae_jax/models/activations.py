@@ -490,8 +490,15 @@ def densify_code(code: SparseCode, n_rows: int, d_sae: int) -> jax.Array:
     return jnp.zeros((n_rows, d_sae), code.values.dtype).at[rows, code.cols].add(code.values)
 
 
-def _gather_rows_sum(values, cols, rows, table, n_rows):
-    """Σ over entries of values · table[cols], added into row ``rows`` (or s) of [n_rows, d]."""
+def _gather_rows_sum(values, cols, rows, table, n_rows, groups=1):
+    """Σ over entries of values · table[cols], added into row ``rows`` (or s) of [n_rows, d].
+
+    With ``groups`` > 1 the table's rows are taken as ``groups`` contiguous slices (the latent axis's
+    shards, ``sharding.for_mesh``): each slice sums its own entries into its own [n_rows, d] and the
+    slices are summed once at the end, so a latent-sharded table is never gathered across devices (one
+    all-reduce of [n_rows, d] per call instead of one per chunk)."""
+    if groups > 1:
+        return _grouped_gather_rows_sum(values, cols, rows, table, n_rows, groups)
 
     def body(acc, chunk):
         v, c, r = chunk
@@ -502,8 +509,40 @@ def _gather_rows_sum(values, cols, rows, table, n_rows):
     return lax.scan(body, init, (values, cols, rows))[0]
 
 
-def _scatter_outer(values, cols, rows, src, m):
-    """[m, d]: Σ over entries of values · src[rows] added into row ``cols`` (a sparse Sᵀ·src)."""
+def _slices(table, groups):
+    """(table as [groups, m/groups, d], a function giving a chunk's (mask [groups, size], local index))."""
+    per = table.shape[0] // groups
+    ids = jnp.arange(groups)[:, None]
+    return table.reshape(groups, per, table.shape[-1]), lambda c: (c[None] // per == ids, c % per)
+
+
+def _grouped_gather_rows_sum(values, cols, rows, table, n_rows, groups):
+    sliced, locate = _slices(table, groups)
+
+    def body(acc, chunk):
+        v, c, r = chunk
+        mask, local = locate(c)
+        contrib = jnp.where(mask, v[None], 0)[..., None] * sliced[:, local]  # [groups, size, d]
+        return (acc + contrib if r is None else acc.at[:, r].add(contrib)), None
+
+    init = jnp.zeros((groups, n_rows, table.shape[-1]), jnp.result_type(values, table))
+    return lax.scan(body, init, (values, cols, rows))[0].sum(0)
+
+
+def _scatter_outer(values, cols, rows, src, m, groups=1):
+    """[m, d]: Σ over entries of values · src[rows] added into row ``cols`` (a sparse Sᵀ·src); with
+    ``groups`` > 1 each slice of the m rows (a latent shard) takes only its own entries."""
+    if groups > 1:
+        zeros = jnp.zeros((m, src.shape[-1]), jnp.result_type(values, src))
+        acc, locate = _slices(zeros, groups)
+
+        def grouped(acc, chunk):
+            v, c, r = chunk
+            mask, local = locate(c)
+            s = src if r is None else src[r]
+            return acc.at[:, local].add(jnp.where(mask, v[None], 0)[..., None] * s[None]), None
+
+        return lax.scan(grouped, acc, (values, cols, rows))[0].reshape(m, src.shape[-1])
 
     def body(acc, chunk):
         v, c, r = chunk
@@ -513,8 +552,19 @@ def _scatter_outer(values, cols, rows, src, m):
     return lax.scan(body, jnp.zeros((m, src.shape[-1]), jnp.result_type(values, src)), (values, cols, rows))[0]
 
 
-def _dot_rows(g, cols, rows, table):
-    """[chunks, size]: ⟨g[rows], table[cols]⟩ per entry."""
+def _dot_rows(g, cols, rows, table, groups=1):
+    """[chunks, size]: ⟨g[rows], table[cols]⟩ per entry; with ``groups`` > 1 each slice of the table (a
+    latent shard) gives its own entries' products, summed over the slices after the loop."""
+    if groups > 1:
+        sliced, locate = _slices(table, groups)
+
+        def grouped(_, chunk):
+            c, r = chunk
+            mask, local = locate(c)
+            gr = g if r is None else g[r]
+            return None, jnp.where(mask, jnp.sum(gr[None] * sliced[:, local], axis=-1), 0)
+
+        return lax.scan(grouped, None, (cols, rows))[1].sum(1)
 
     def body(_, chunk):
         c, r = chunk
@@ -524,25 +574,26 @@ def _dot_rows(g, cols, rows, table):
     return lax.scan(body, None, (cols, rows))[1]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def decode_code(code: SparseCode, W_dec: jax.Array, n_rows: int) -> jax.Array:
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def decode_code(code: SparseCode, W_dec: jax.Array, n_rows: int, groups: int = 1) -> jax.Array:
     """x̂ without bias: row b = Σ over b's kept entries of value · W_dec[col]; [n_rows, d].
 
     Equal to ``densify_code(code) @ W_dec`` in value and gradients at B·k·d FLOPs instead of
     B·m·d (openai/sparse_autoencoder ``kernels.py`` ``TritonDecoderAutograd``): d values =
     ⟨g[row], W_dec[col]⟩, d W_dec[col] += value · g[row]. Coordinates get no gradient.
+    ``groups``: the latent axis's shards (``sharding.for_mesh``), each decoding its own entries.
     """
-    return _gather_rows_sum(code.values, code.cols, code.rows, W_dec, n_rows)
+    return _gather_rows_sum(code.values, code.cols, code.rows, W_dec, n_rows, groups)
 
 
-def _decode_code_fwd(code, W_dec, n_rows):
-    return decode_code(code, W_dec, n_rows), (code, W_dec)
+def _decode_code_fwd(code, W_dec, n_rows, groups):
+    return decode_code(code, W_dec, n_rows, groups), (code, W_dec)
 
 
-def _decode_code_bwd(n_rows, res, g):
+def _decode_code_bwd(n_rows, groups, res, g):
     code, W_dec = res
-    d_values = _dot_rows(g, code.cols, code.rows, W_dec).astype(code.values.dtype)
-    d_W_dec = _scatter_outer(code.values, code.cols, code.rows, g, W_dec.shape[0]).astype(W_dec.dtype)
+    d_values = _dot_rows(g, code.cols, code.rows, W_dec, groups).astype(code.values.dtype)
+    d_W_dec = _scatter_outer(code.values, code.cols, code.rows, g, W_dec.shape[0], groups).astype(W_dec.dtype)
     return SparseCode(d_values, None, None), d_W_dec
 
 
@@ -621,16 +672,16 @@ def _sparse_encode_bwd(k, k_aux, batch, groups, res, g):
     delta = jnp.where(code.values > 0, g_code.values, 0)  # ReLU' of the kept values
     delta_aux = jnp.where(aux.values > 0, g_aux.values, 0)
     m = W_enc.shape[1]
-    d_W_enc_t = _scatter_outer(delta, code.cols, code.rows, xc, m)
+    d_W_enc_t = _scatter_outer(delta, code.cols, code.rows, xc, m, groups)
     d_b_enc = jnp.zeros(m, delta.dtype).at[code.cols.reshape(-1)].add(delta.reshape(-1))
     W_enc_t = W_enc.T
-    d_x = _gather_rows_sum(delta, code.cols, code.rows, W_enc_t, xc.shape[0])
+    d_x = _gather_rows_sum(delta, code.cols, code.rows, W_enc_t, xc.shape[0], groups)
 
     def with_aux(acc):
         d_w, d_b, d_x = acc
-        d_w = d_w + _scatter_outer(delta_aux, aux.cols, aux.rows, xc, m)
+        d_w = d_w + _scatter_outer(delta_aux, aux.cols, aux.rows, xc, m, groups)
         d_b = d_b.at[aux.cols.reshape(-1)].add(delta_aux.reshape(-1))
-        return d_w, d_b, d_x + _gather_rows_sum(delta_aux, aux.cols, aux.rows, W_enc_t, xc.shape[0])
+        return d_w, d_b, d_x + _gather_rows_sum(delta_aux, aux.cols, aux.rows, W_enc_t, xc.shape[0], groups)
 
     d_W_enc_t, d_b_enc, d_x = lax.cond(any_dead, with_aux, lambda acc: acc, (d_W_enc_t, d_b_enc, d_x))
     # XLA drops d_x where x is not differentiated (the training step), keeping only d·m work for b_dec.

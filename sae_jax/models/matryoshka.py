@@ -49,7 +49,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         decodes the kept latents below w_g (plus b_dec)."""
         W_dec, b_dec = self.W_dec[...], self.b_dec[...]
         levels = [act.decode_code(code._replace(values=jnp.where(code.cols < width, code.values, 0.0)),
-                                  W_dec, x.shape[0]) + b_dec for width in self.widths]
+                                  W_dec, x.shape[0], self.latent_groups) + b_dec for width in self.widths]
         return levels[-1], sum(normalized_mse(x, level) for level in levels)
 
 

@@ -67,7 +67,7 @@ class TopKSAE(SAE):
 
     def reconstruction(self, x: jax.Array, code: act.SparseCode) -> tuple[jax.Array, jax.Array]:
         """(x̂, reconstruction loss) of the kept code: a sparse decode and the normalized MSE."""
-        x_hat = act.decode_code(code, self.W_dec[...], x.shape[0]) + self.b_dec[...]
+        x_hat = act.decode_code(code, self.W_dec[...], x.shape[0], self.latent_groups) + self.b_dec[...]
         return x_hat, normalized_mse(x, x_hat)
 
     def code_extras(self, code: act.SparseCode) -> dict[str, jax.Array]:
@@ -82,7 +82,7 @@ class TopKSAE(SAE):
 
         def loss(x_hat, aux_code):
             e = jax.lax.stop_gradient(x - x_hat)
-            e_hat = act.decode_code(aux_code, W_dec, x.shape[0])
+            e_hat = act.decode_code(aux_code, W_dec, x.shape[0], self.latent_groups)
             return self.aux_coefficient * jnp.nan_to_num(normalized_mse(e, e_hat))
 
         return jax.lax.cond(jnp.any(self.dead()), loss, lambda *_: jnp.zeros((), x.dtype), x_hat, aux_code)

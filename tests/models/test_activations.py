@@ -252,3 +252,31 @@ def test_vmap_over_a_sweep_axis_matches_a_loop():
             strict=True,
         ):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_grouped_sparse_ops_equal_the_ungrouped_ones(batch):
+    """``groups`` (the latent axis's shards) changes only where each entry is summed: the decode, its VJP
+    and the sparse encoder's backward equal the one-group ops (up to float32 summation order)."""
+    rng = np.random.default_rng(3)
+    n, m, d, k = 16, 64, 8, 5
+    pre = jnp.asarray(rng.normal(size=(n, m)))
+    code = act.batch_topk_code(pre, k, 1) if batch else act.topk_code(pre, k, 1)
+    W = jnp.asarray(rng.normal(size=(m, d)))
+    x, W_enc = jnp.asarray(rng.normal(size=(n, d))), jnp.asarray(rng.normal(size=(d, m)))
+    dead = jnp.arange(m) % 3 == 0
+
+    def decoded(groups):
+        def f(values, W):
+            return jnp.sum(jnp.sin(act.decode_code(code._replace(values=values), W, n, groups)))
+        return jax.value_and_grad(f, argnums=(0, 1))(code.values, W)
+
+    def encoded(groups):
+        def f(x, W_enc, b_enc, b_dec):
+            main, aux = act.sparse_encode(x, W_enc, b_enc, b_dec, dead, k, 6, batch, groups)
+            return jnp.sum(jnp.sin(main.values)) + jnp.sum(jnp.cos(aux.values))
+        return jax.grad(f, argnums=(0, 1, 2, 3))(x, W_enc, jnp.zeros(m), jnp.zeros(d))
+
+    for one, four in ((decoded(1), decoded(4)), (encoded(1), encoded(4))):
+        for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four), strict=True):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
